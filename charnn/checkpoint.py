@@ -1,0 +1,248 @@
+"""Checkpoints: safetensors weights plus JSON config and vocabulary, written atomically.
+
+A training run is a directory::
+
+    RUN/
+      best/   model.safetensors  config.json  vocab.json            (lowest validation loss)
+      last/   the same + train_state.safetensors train_state.json   (exact resume)
+      metrics.jsonl                                                  (one JSON object per log line)
+
+Nothing is unpickled on load: tensors come from safetensors and everything
+else from JSON, so a checkpoint from an untrusted source cannot run code.
+A checkpoint directory is first written under a temporary name and then
+renamed into place, so a crash never leaves a half-written ``best`` or ``last``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .errors import CharnnError
+from .vocab import Vocabulary
+
+FORMAT = "charnn-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
+TRAIN_TENSORS, TRAIN_JSON = "train_state.safetensors", "train_state.json"
+METRICS = "metrics.jsonl"
+DEFAULT_ROOT = Path("checkpoints")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its JSON config, vocabulary and (optionally) training state."""
+
+    path: Path
+    config: dict
+    vocab: Vocabulary
+    train_state: dict | None = None
+    train_tensors: dict[str, torch.Tensor] | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.config.get("kind", "language-model")
+
+    def load_weights(self, module: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        """Copy the saved weights into ``module`` (which must have the saved architecture)."""
+        try:
+            missing, unexpected = load_model(module, str(self.path / WEIGHTS), strict=False, device=str(device))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CharnnError(f"{self.path / WEIGHTS} is damaged ({e}); use another checkpoint") from e
+        if missing or unexpected:
+            raise CharnnError(
+                f"{self.path / WEIGHTS} does not match its config (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}); the checkpoint is damaged"
+            )
+
+
+# -- writing -------------------------------------------------------------------------
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    config: dict,
+    train_state: dict | None = None,
+    train_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Atomically write a checkpoint directory (replacing any previous one)."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        full_config = {"format": FORMAT, "format_version": FORMAT_VERSION, "saved_at": time.time(), **config}
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        _write_json(tmp / CONFIG, full_config)
+        _write_json(tmp / VOCAB, vocab.to_dict())
+        if train_state is not None:
+            _write_json(tmp / TRAIN_JSON, train_state)
+            save_file({k: v.detach().cpu().contiguous() for k, v in (train_tensors or {}).items()}, str(tmp / TRAIN_TENSORS))
+        _fsync_dir_files(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for f in directory.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; at every instant one complete copy exists on disk."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def append_metrics(run_dir: str | Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return records
+
+
+def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
+    """Drop records logged after ``last_step`` (they are replayed when a run resumes)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- finding and reading -------------------------------------------------------------------
+def is_checkpoint_dir(path: Path) -> bool:
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root: str | Path = DEFAULT_ROOT) -> Path:
+    """Turn a run directory, a checkpoint directory or None (latest run) into a checkpoint directory."""
+    if path is None:
+        path = latest_run(root)
+    p = Path(path)
+    if not p.exists():
+        raise CharnnError(f"checkpoint {p} not found; pass a run directory made by charnn train")
+    if is_checkpoint_dir(p):
+        return p
+    for name in (which, "last" if which == "best" else "best"):
+        for candidate in (p / name, p / f".{name}.old"):
+            if is_checkpoint_dir(candidate):
+                return candidate
+    raise CharnnError(
+        f"{p} is not a charnn checkpoint (no {CONFIG} and {WEIGHTS}); pass a run directory made by charnn train"
+    )
+
+
+def latest_run(root: str | Path = DEFAULT_ROOT) -> Path:
+    """The most recently modified run directory under ``root``."""
+    root = Path(root)
+    runs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")] if root.is_dir() else []
+    stamps = {d: _newest_checkpoint_time(d) for d in runs}
+    stamps = {d: t for d, t in stamps.items() if t is not None}
+    if not stamps:
+        raise CharnnError(f"no trained model under {root}/; train one with charnn train, or pass a checkpoint path")
+    return max(stamps, key=stamps.get)
+
+
+def _newest_checkpoint_time(run_dir: Path) -> float | None:
+    """When the run's newest complete checkpoint was written (None: it has none)."""
+    times = [(run_dir / n / CONFIG).stat().st_mtime for n in ("best", "last", ".best.old", ".last.old")
+             if is_checkpoint_dir(run_dir / n)]
+    return max(times, default=None)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CharnnError(f"{path} is missing; the checkpoint is incomplete, use another one") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CharnnError(f"{path} is damaged ({e}); use another checkpoint") from e
+    if not isinstance(data, dict):
+        raise CharnnError(f"{path} is damaged (not a JSON object); use another checkpoint")
+    return data
+
+
+def load_checkpoint(path: str | Path | None = None, *, which: str = "best", with_train_state: bool = False) -> Checkpoint:
+    """Read a checkpoint's config and vocabulary (weights are loaded by ``Checkpoint.load_weights``)."""
+    directory = resolve_checkpoint(path, which)
+    config = _read_json(directory / CONFIG)
+    if config.get("format") != FORMAT:
+        raise CharnnError(f"{directory / CONFIG} is not a charnn checkpoint config; pass a run made by charnn train")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise CharnnError(f"{directory} was written by a newer charnn (format {config['format_version']}); upgrade charnn")
+    vocab = Vocabulary.from_dict(_read_json(directory / VOCAB))
+    ckpt = Checkpoint(directory, config, vocab)
+    if with_train_state:
+        if not (directory / TRAIN_JSON).is_file():
+            raise CharnnError(f"{directory} has no training state to resume from; pass the run's directory (its last/ checkpoint)")
+        ckpt.train_state = _read_json(directory / TRAIN_JSON)
+        try:
+            ckpt.train_tensors = load_file(str(directory / TRAIN_TENSORS))
+        except (SafetensorError, OSError) as e:
+            raise CharnnError(f"{directory / TRAIN_TENSORS} is damaged ({e}); resume from another checkpoint") from e
+    return ckpt
+
+
+# -- optimizer and RNG state without pickle ----------------------------------------------------------
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Split an optimizer state dict into JSON-able data and named tensors."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, entries in sd["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return {"param_groups": sd["param_groups"], "scalars": scalars}, tensors
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, data: dict, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in data.get("scalars", {}).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": data["param_groups"]})

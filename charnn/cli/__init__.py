@@ -1,0 +1,37 @@
+"""The ``charnn`` command line: a thin click layer over the Python API.
+
+Each command group lives in its own module; errors meant for the user
+(:class:`charnn.errors.CharnnError`) print as one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import CharnnError
+
+
+class CharnnGroup(click.Group):
+    """Click group that turns CharnnError into ``error: ...`` and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CharnnError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=CharnnGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="charnn")
+def main():
+    """charnn: character-level recurrent neural networks.
+
+    Train a model on your text, sample from it, classify text with it, or use
+    it as an autocomplete engine.
+    """
+
+
+from . import corpus, train  # noqa: E402,F401  (each module registers its commands)

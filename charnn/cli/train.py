@@ -1,0 +1,192 @@
+"""``charnn train``, ``charnn eval``, ``charnn info`` and ``charnn plot``."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+
+from ..errors import CharnnError
+from . import main
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '90s', '10m', '1.5h' -> seconds."""
+    if text is None:
+        return None
+    m = _DURATION.match(text)
+    if not m:
+        raise CharnnError(f"--time must look like 90s, 10m or 2h, got {text!r}")
+    unit = (m.group(2) or "s").lower()[0]
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@main.command("train")
+@click.argument("corpus", nargs=-1, type=click.Path())
+@click.option("--glob", default="**/*", show_default=True, help="Files to read inside directories.")
+@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus files.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Last fraction of the text that validates.")
+@click.option("--min-char-count", type=int, default=1, show_default=True, help="Rarer characters map to the unknown symbol.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "medium", "large"]), help="Named size; default: the best for this device and budget.")
+@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), help="Recurrent cell.  [default: lstm]")
+@click.option("--layers", type=int, help="Stacked recurrent layers.")
+@click.option("--hidden", type=int, help="Hidden units per layer.")
+@click.option("--embed-dim", type=int, help="Character embedding size (0: one-hot).")
+@click.option("--dropout", type=float, help="Dropout between layers and before the output layer.")
+@click.option("--embed-dropout", type=float, help="Dropout on the embeddings.")
+@click.option("--tie-weights/--no-tie-weights", default=None, help="Share the input embedding with the output layer.")
+@click.option("--init", "init_scheme", type=click.Choice(["orthogonal", "identity", "xavier", "default"]), help="Recurrent weight initialisation.  [default: orthogonal]")
+@click.option("--forget-bias", type=float, help="LSTM forget-gate bias.  [default: 1]")
+@click.option("--activation", type=click.Choice(["tanh", "relu"]), help="Plain RNN nonlinearity (relu + --init identity = IRNN).")
+@click.option("--gate-slope", type=float, help="Steeper gates: sigmoid(S*x) (uses charnn's own cell when not 1).")
+@click.option("--layer-norm/--no-layer-norm", default=None, help="Layer normalisation inside the recurrent cell.")
+@click.option("--batch-size", type=int, help="Parallel text streams per step.")
+@click.option("--seq-len", type=int, help="Characters per truncated-BPTT chunk.")
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), default="adam", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum for SGD.")
+@click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
+@click.option("--warmup-steps", type=int, help="Linear learning-rate warmup.")
+@click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine", show_default=True,
+              help="cosine: decay to the end of the budget; plateau: halve when validation stalls.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Split each batch into K sequential micro-steps.")
+@click.option("--max-epochs", type=float, help="Stop after this many passes over the training text.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--time", "time_text", help="Wall-clock budget, e.g. 90s, 10m, 2h.")
+@click.option("--eval-every", type=int, help="Validate every N steps (and at each epoch end).")
+@click.option("--patience", type=int, default=5, show_default=True, help="Early stopping: evaluations without improvement; 0 disables.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Random seed; the same seed gives the same run.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option("--out", type=click.Path(), help="Run directory.  [default: checkpoints/NAME-TIME]")
+@click.option("--resume", type=click.Path(), help="Continue the run in this directory exactly where it stopped.")
+@click.option("--init-from", type=click.Path(), help="Fine-tune from this trained model.")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, **opts):
+    """Train a character language model on CORPUS (files or directories).
+
+    \b
+    Examples:
+      charnn train input.txt --time 10m
+      charnn train notes/ --glob '*.md' --preset medium
+      charnn train --resume checkpoints/input-20260101-120000
+    """
+    from ..training import Trainer, TrainConfig, TrainingInterrupted
+
+    opts.update(init=init_scheme, compile=use_compile, time_budget=parse_duration(time_text), quiet=quiet)
+    if opts["patience"] == 0:
+        opts["patience"] = None
+    log = (lambda m: None) if quiet else _echo
+    if resume:
+        if corpus:
+            raise CharnnError("--resume continues a run on its own corpus; drop the corpus arguments")
+        overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet")}
+        trainer = Trainer.resume(resume, overrides)
+        log(f"resuming {trainer.run_dir} at step {trainer.step}")
+    else:
+        if not corpus:
+            raise CharnnError("no corpus given; pass text files or directories, e.g. charnn train input.txt")
+        trainer = Trainer(TrainConfig(corpus=list(corpus), **opts))
+    log(trainer.describe())
+    try:
+        result = trainer.fit()
+    except TrainingInterrupted as e:
+        _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.run_dir}/last")
+        _echo(f"resume with: charnn train --resume {e.run_dir}")
+        sys.exit(e.exit_code)
+    if result.stop_reason == "diverged":
+        raise CharnnError(f"training diverged (loss is not finite) at step {result.steps}; lower --lr or keep --grad-clip on")
+    best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "n/a"
+    log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, "
+        f"{result.train_chars_per_sec:,.0f} chars/s, best val bpc {best}")
+    log(f"model saved in {result.run_dir}; sample with: charnn sample {result.run_dir}")
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--glob", default="**/*", show_default=True)
+@click.option("--last", is_flag=True, help="Use the run's last model rather than its best.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(checkpoint, files, encoding, glob, last, device, as_json):
+    """Bits per character of FILES under a trained model."""
+    from ..data import read_corpus_text
+    from ..devices import pick_device
+    from ..model import bits_per_char
+    from ..training import evaluate
+    from ..lm import load_language_model
+
+    dev = pick_device(device)
+    model, ck = load_language_model(checkpoint, which="last" if last else "best", device=dev)
+    text = read_corpus_text(files, glob, encoding)
+    ids = ck.vocab.encode(text)
+    nats, count = evaluate(model, ids, device=dev)
+    unknown = int((ids == 0).sum())
+    report = {"checkpoint": str(ck.path), "files": list(files), "chars": len(text), "scored_chars": count,
+              "unknown_chars": unknown, "bpc": bits_per_char(nats), "nats_per_char": nats,
+              "perplexity": float(__import__("math").exp(nats))}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(f"{ck.path}: {report['bpc']:.4f} bits/char ({nats:.4f} nats, perplexity {report['perplexity']:.2f}) "
+                   f"over {count:,} characters; {unknown:,} unknown")
+
+
+@main.command("info")
+@click.argument("checkpoint", type=click.Path(), required=False)
+@click.option("--last", is_flag=True, help="Describe the run's last model rather than its best.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info_cmd(checkpoint, last, as_json):
+    """Configuration, size, vocabulary and training history of a checkpoint."""
+    from .. import checkpoint as ckpt
+
+    ck = ckpt.load_checkpoint(checkpoint, which="last" if last else "best")
+    history = ckpt.read_metrics(ck.path.parent)
+    vals = [r for r in history if "val_bpc" in r]
+    report = {
+        "path": str(ck.path), "kind": ck.kind, "charnn_version": ck.config.get("charnn_version"),
+        "model": ck.config.get("model"), "training": ck.config.get("training"), "summary": ck.config.get("summary"),
+        "vocabulary": {"size": len(ck.vocab), "chars": "".join(ck.vocab.chars[1:])},
+        "history": {"records": len(history), "evaluations": [{k: r[k] for k in ("step", "epoch", "val_bpc", "elapsed") if k in r} for r in vals]},
+    }
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    m, s = report["model"] or {}, report["summary"] or {}
+    click.echo(f"checkpoint: {ck.path} ({ck.kind}, charnn {report['charnn_version']})")
+    if m:
+        click.echo(f"model: {m.get('layers')}x{m.get('hidden')} {str(m.get('cell')).upper()}, embed {m.get('embed_dim') or 'one-hot'}, "
+                   f"dropout {m.get('dropout')}, {s.get('parameters', '?'):,} parameters")
+    click.echo(f"vocabulary: {len(ck.vocab)} symbols: {''.join(ck.vocab.chars[1:])!r}")
+    for key in ("step", "epoch", "train_chars", "val_bpc", "best_val_bpc", "device", "precision", "elapsed"):
+        if key in s:
+            click.echo(f"{key}: {s[key]}")
+    if vals:
+        click.echo("validation history (step: bpc): " + ", ".join(f"{r['step']}: {r['val_bpc']:.3f}" for r in vals[-12:]))
+
+
+@main.command("plot")
+@click.argument("checkpoint", type=click.Path(), required=False)
+@click.option("-o", "--output", type=click.Path(), help="PNG file.  [default: RUN/curves.png]")
+def plot_cmd(checkpoint, output):
+    """A PNG of the training and validation curves (needs the 'plot' extra)."""
+    from .. import checkpoint as ckpt
+    from ..plotting import plot_curves
+
+    run_dir = ckpt.resolve_checkpoint(checkpoint).parent
+    path = plot_curves(run_dir, output)
+    click.echo(f"wrote {path}", err=True)

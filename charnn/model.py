@@ -1,0 +1,191 @@
+"""The character model: embedding -> stacked LSTM/GRU/RNN -> linear softmax.
+
+The recurrent stack uses PyTorch's fused kernels (oneDNN on CPU, cuDNN on
+CUDA). ``CharRNN.forward`` takes and returns the recurrent state so callers
+can carry it across chunks (training, validation, generation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CharnnError
+
+CELLS = ("lstm", "gru", "rnn")
+INITS = ("orthogonal", "identity", "xavier", "default")
+ACTIVATIONS = ("tanh", "relu")
+
+State = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture."""
+
+    vocab_size: int
+    cell: str = "lstm"
+    layers: int = 2
+    hidden: int = 256
+    embed_dim: int = 64  # 0 means one-hot input
+    dropout: float = 0.0  # between recurrent layers and before the output layer
+    embed_dropout: float = 0.0
+    tie_weights: bool = False
+    init: str = "orthogonal"
+    forget_bias: float = 1.0
+    activation: str = "tanh"  # plain RNN only
+    gate_slope: float = 1.0  # steeper gates, sigmoid(slope * x); needs the custom cell
+    layer_norm: bool = False  # needs the custom cell
+
+    def __post_init__(self):
+        self.cell = self.cell.lower()
+        checks = [
+            (self.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}"),
+            (self.layers >= 1, f"--layers must be at least 1, got {self.layers}"),
+            (self.hidden >= 1, f"--hidden must be at least 1, got {self.hidden}"),
+            (self.embed_dim >= 0, f"--embed-dim must be 0 (one-hot) or positive, got {self.embed_dim}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (0 <= self.embed_dropout < 1, f"--embed-dropout must be in [0, 1), got {self.embed_dropout}"),
+            (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (self.activation in ACTIVATIONS, f"--activation must be tanh or relu, got {self.activation!r}"),
+            (self.activation == "tanh" or self.cell == "rnn", "--activation relu applies to --cell rnn only"),
+            (self.gate_slope > 0, f"--gate-slope must be positive, got {self.gate_slope}"),
+            (self.vocab_size >= 2, "the vocabulary is empty; the training text has no characters"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CharnnError(message)
+
+    @property
+    def input_dim(self) -> int:
+        return self.embed_dim or self.vocab_size
+
+    @property
+    def uses_custom_cell(self) -> bool:
+        return self.gate_slope != 1.0 or self.layer_norm
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class CharRNN(nn.Module):
+    """Character language model; ``forward(ids, state) -> (logits, state)``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.input_dim)
+        if not c.embed_dim:  # one-hot input: a frozen identity table
+            self.embed.weight.data.copy_(torch.eye(c.vocab_size))
+            self.embed.weight.requires_grad_(False)
+        self.embed_drop = nn.Dropout(c.embed_dropout)
+        self.rnn = build_recurrent(c)
+        self.out_drop = nn.Dropout(c.dropout)
+        out_dim = c.hidden
+        self.proj = None
+        if c.tie_weights:
+            if not c.embed_dim:
+                raise CharnnError("--tie-weights needs an embedding; set --embed-dim above 0")
+            if c.embed_dim != c.hidden:
+                self.proj = nn.Linear(c.hidden, c.embed_dim)
+            out_dim = c.embed_dim
+        self.head = nn.Linear(out_dim, c.vocab_size)
+        if c.tie_weights:
+            self.head.weight = self.embed.weight
+        init_recurrent(self.rnn, c)
+
+    def forward(self, ids: torch.Tensor, state=None):
+        """Logits of shape (batch, time, vocab) and the state after the last step."""
+        x = self.embed_drop(self.embed(ids))
+        out, state = self.rnn(x, state)
+        return self.decode(self.out_drop(out)), state
+
+    def encode(self, ids: torch.Tensor, state=None):
+        """Top-layer outputs (batch, time, hidden) and the final state, without the softmax head."""
+        return self.rnn(self.embed_drop(self.embed(ids)), state)
+
+    def decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.proj is not None:
+            hidden = self.proj(hidden)
+        return self.head(hidden)
+
+    def initial_state(self, batch_size: int, device=None, dtype=None):
+        c = self.config
+        p = next(self.rnn.parameters())
+        z = torch.zeros(c.layers, batch_size, c.hidden, device=device or p.device, dtype=dtype or p.dtype)
+        return (z, z.clone()) if c.cell == "lstm" else z
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        seen = {}
+        for p in self.parameters():
+            if p.requires_grad or not trainable_only:
+                seen[id(p)] = p.numel()
+        return sum(seen.values())
+
+
+def build_recurrent(c: ModelConfig) -> nn.Module:
+    """The fused library stack, or charnn's own cell for options the library lacks."""
+    if c.uses_custom_cell:
+        from .cells import CustomRecurrent  # noqa: PLC0415 (only needed for these options)
+
+        return CustomRecurrent(c)
+    kwargs = dict(num_layers=c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0)
+    if c.cell == "lstm":
+        return nn.LSTM(c.input_dim, c.hidden, **kwargs)
+    if c.cell == "gru":
+        return nn.GRU(c.input_dim, c.hidden, **kwargs)
+    return nn.RNN(c.input_dim, c.hidden, nonlinearity=c.activation, **kwargs)
+
+
+def gate_count(cell: str) -> int:
+    return {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+
+
+@torch.no_grad()
+def init_recurrent(rnn: nn.Module, c: ModelConfig) -> None:
+    """Initialise recurrent weights per ``c.init``, and the LSTM forget-gate bias.
+
+    Recurrent matrices are initialised one gate block at a time, so every
+    gate's hidden-to-hidden map is orthogonal (or the identity).
+    """
+    gates = gate_count(c.cell)
+    for name, p in rnn.named_parameters():
+        if "weight_hh" in name and c.init != "default":
+            for block in p.view(gates, c.hidden, c.hidden):
+                if c.init == "orthogonal":
+                    nn.init.orthogonal_(block)
+                elif c.init == "identity":
+                    block.copy_(torch.eye(c.hidden))
+                else:
+                    nn.init.xavier_uniform_(block)
+        elif "weight_ih" in name and c.init in ("xavier", "orthogonal", "identity"):
+            for block in p.view(gates, c.hidden, -1):
+                nn.init.xavier_uniform_(block)
+        elif "bias" in name:
+            if c.init == "identity":
+                p.zero_()
+            if c.cell == "lstm":
+                forget = slice(c.hidden, 2 * c.hidden)  # PyTorch gate order: input, forget, cell, output
+                p[forget] = c.forget_bias if "bias_ih" in name else 0.0
+
+
+def bits_per_char(nats: float) -> float:
+    return nats / math.log(2)
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None, reduction="mean"):
+    """Cross-entropy in nats over (batch, time) targets; ``mask`` drops padded positions."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    if mask is not None:
+        loss = loss * mask.reshape(-1)
+        return loss.sum() if reduction == "sum" else loss.sum() / mask.sum().clamp(min=1)
+    return loss.sum() if reduction == "sum" else loss.mean()

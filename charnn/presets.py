@@ -1,0 +1,56 @@
+"""Recommended settings: named presets, and defaults sized for the device and budget.
+
+``charnn train FILE`` with no options uses :func:`recommend`, so a user gets a
+good model without tuning. The CPU defaults were chosen from the measurements
+in ``benchmarks/RESULTS.md`` (tiny Shakespeare, 10-minute budget, 2 cores).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CharnnError
+
+# Settings shared by every preset unless it says otherwise.
+COMMON = dict(
+    cell="lstm", embed_dim=64, embed_dropout=0.0, tie_weights=False, init="orthogonal", forget_bias=1.0,
+    activation="tanh", gate_slope=1.0, layer_norm=False, lr=2e-3, warmup_steps=100,
+)
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: smoke tests and demos
+    "tiny": dict(layers=1, hidden=128, embed_dim=32, dropout=0.0, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=20),
+    # minutes on a CPU
+    "small": dict(layers=2, hidden=256, dropout=0.0, batch_size=64, seq_len=128),
+    # an hour on a CPU, minutes on a GPU
+    "medium": dict(layers=2, hidden=512, dropout=0.2, batch_size=64, seq_len=128, lr=2e-3),
+    # hours on a GPU
+    "large": dict(layers=3, hidden=1024, embed_dim=128, dropout=0.3, batch_size=128, seq_len=256, lr=1e-3,
+                  warmup_steps=500),
+}
+
+DEFAULT_MAX_EPOCHS = 30
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def auto_preset(device: torch.device, time_budget: float | None) -> str:
+    """The preset that learns best on ``device`` within ``time_budget`` seconds (None: no limit)."""
+    if device.type == "cuda":
+        return "medium" if time_budget is not None and time_budget <= 30 * 60 else "large"
+    if device.type == "mps":
+        return "medium"
+    return "small" if time_budget is None or time_budget <= 30 * 60 else "medium"
+
+
+def recommend(device: torch.device, time_budget: float | None, preset: str | None) -> dict:
+    """Every training default, from ``preset`` or, when None, from the device and budget."""
+    if preset is not None and preset not in PRESETS:
+        raise CharnnError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    name = preset or auto_preset(device, time_budget)
+    settings = {**COMMON, **PRESETS[name]}
+    if time_budget is None:
+        settings["max_epochs"] = DEFAULT_MAX_EPOCHS
+    return settings

@@ -1,0 +1,592 @@
+"""Training a character language model with truncated backpropagation through time.
+
+``train(TrainConfig(...))`` is the whole job behind ``charnn train``: read the
+corpus, build or restore the model, run Adam with warmup and cosine decay to
+the end of the budget, validate in bits per character, keep the best and the
+last checkpoint, and stop on the first of max epochs, max steps, the
+wall-clock budget, early stopping or Ctrl-C/SIGTERM (which save a resumable
+checkpoint first).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .data import Corpus, StreamBatcher, eval_streams, load_corpus
+from .devices import autocast, pick_device, pick_precision
+from .errors import CharnnError
+from .model import CharRNN, ModelConfig, bits_per_char, sequence_loss
+from .presets import recommend
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+SCHEDULES = ("cosine", "plateau", "constant")
+MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name != "vocab_size")
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run. ``None`` means "the recommended value" (see ``presets``)."""
+
+    corpus: list[str] = field(default_factory=list)
+    glob: str = "**/*"
+    encoding: str = "utf-8"
+    val_fraction: float = 0.1
+    min_char_count: int = 1
+    # model (None: from --preset or the device's recommendation)
+    cell: str | None = None
+    layers: int | None = None
+    hidden: int | None = None
+    embed_dim: int | None = None
+    dropout: float | None = None
+    embed_dropout: float | None = None
+    tie_weights: bool | None = None
+    init: str | None = None
+    forget_bias: float | None = None
+    activation: str | None = None
+    gate_slope: float | None = None
+    layer_norm: bool | None = None
+    # optimisation
+    batch_size: int | None = None
+    seq_len: int | None = None
+    lr: float | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    grad_clip: float = 5.0
+    warmup_steps: int | None = None
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    grad_accum: int = 1
+    # budget and validation
+    max_epochs: float | None = None
+    max_steps: int | None = None
+    time_budget: float | None = None  # seconds
+    eval_every: int | None = None
+    patience: int | None = 5
+    seed: int = 1234
+    # run
+    preset: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    out: str | None = None
+    init_from: str | None = None
+    log_every: int = 10
+    quiet: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C or SIGTERM once a resumable checkpoint is written."""
+
+    def __init__(self, run_dir: Path, signum: int):
+        super().__init__(f"training interrupted; resume with: charnn train --resume {run_dir}")
+        self.run_dir, self.signum = run_dir, signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    epochs: float
+    best_val_bpc: float | None
+    last_val_bpc: float | None
+    train_chars_per_sec: float
+    elapsed: float
+    stop_reason: str
+
+
+# -- setup helpers ------------------------------------------------------------------------------
+def _validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"),
+        (cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}"),
+        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.seq_len >= 1, f"--seq-len must be at least 1, got {cfg.seq_len}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {cfg.grad_clip}"),
+        (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
+        (cfg.min_char_count >= 1, f"--min-char-count must be at least 1, got {cfg.min_char_count}"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be at least 1, got {cfg.max_steps}"),
+        (cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs must be positive, got {cfg.max_epochs}"),
+        (cfg.time_budget is None or cfg.time_budget > 0, "--time must be positive"),
+        (cfg.patience is None or cfg.patience >= 1, f"--patience must be at least 1, got {cfg.patience}"),
+        (cfg.eval_every is None or cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CharnnError(message)
+
+
+def _fill_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """Replace every ``None`` by the preset's or the device's recommended value."""
+    rec = recommend(device, cfg.time_budget, cfg.preset)
+    for name, value in rec.items():
+        if getattr(cfg, name, None) is None:
+            setattr(cfg, name, value)
+    return cfg
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        run_dir = Path(cfg.out)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise CharnnError(
+                f"{run_dir} already holds files; resume it with --resume {run_dir}, or choose another --out"
+            )
+    else:
+        stem = Path(cfg.corpus[0]).stem if cfg.corpus else "run"
+        run_dir = ckpt.DEFAULT_ROOT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while run_dir.exists():
+            n += 1
+            run_dir = ckpt.DEFAULT_ROOT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    return run_dir
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.01)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.95, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+class LRSchedule:
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` at the end of the budget,
+    or a constant rate, or halving on validation plateaus."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.plateau_factor = 1.0
+        self.plateau_best = math.inf
+        self.plateau_bad = 0
+
+    def factor(self, step: int, progress: float) -> float:
+        cfg = self.cfg
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            p = min(max(progress, 0.0), 1.0)
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        if cfg.schedule == "plateau":
+            return self.plateau_factor
+        return 1.0
+
+    def observe(self, val_loss: float) -> None:
+        """Reduce-on-plateau: halve the rate after two evaluations without improvement."""
+        if val_loss < self.plateau_best - 1e-4:
+            self.plateau_best, self.plateau_bad = val_loss, 0
+        else:
+            self.plateau_bad += 1
+            if self.plateau_bad >= 2:
+                self.plateau_factor = max(self.plateau_factor * 0.5, self.cfg.min_lr_ratio)
+                self.plateau_bad = 0
+
+    def state(self) -> dict:
+        return {"plateau_factor": self.plateau_factor, "plateau_best": self.plateau_best, "plateau_bad": self.plateau_bad}
+
+    def load(self, state: dict) -> None:
+        self.plateau_factor = state["plateau_factor"]
+        self.plateau_best = state["plateau_best"]
+        self.plateau_bad = state["plateau_bad"]
+
+
+@torch.no_grad()
+def evaluate(model: CharRNN, ids: np.ndarray, *, device: torch.device | str = "cpu", precision: str = "fp32",
+             n_streams: int = 64, seq_len: int = 256) -> tuple[float, int]:
+    """Mean loss in nats per character over every target of ``ids``, carrying state; and the count."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    try:
+        for x, y, mask in eval_streams(ids, n_streams, seq_len):
+            x, y, mask = x.to(device), y.to(device), mask.to(device)
+            with autocast(device, precision):
+                logits, state = model(x, state)
+            total += float(sequence_loss(logits, y, mask.float(), reduction="sum"))
+            count += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# -- the trainer ------------------------------------------------------------------------------
+class Trainer:
+    """One training run; build with ``Trainer(cfg)``, or ``Trainer.resume(run_dir)``, then ``fit()``."""
+
+    def __init__(self, cfg: TrainConfig, *, resume_from: ckpt.Checkpoint | None = None,
+                 on_log: Callable[[dict], None] | None = None):
+        self.device = pick_device(cfg.device)
+        self.cfg = cfg if resume_from else _fill_defaults(cfg, self.device)
+        _validate(self.cfg)
+        self.precision = pick_precision(self.cfg.precision, self.device)
+        self.on_log = on_log
+        self.rank, self.world_size = 0, 1
+        init = ckpt.load_checkpoint(self.cfg.init_from) if self.cfg.init_from and not resume_from else None
+        vocab = resume_from.vocab if resume_from else init.vocab if init else None
+        self.corpus: Corpus = load_corpus(
+            self.cfg.corpus, glob=self.cfg.glob, encoding=self.cfg.encoding, val_fraction=self.cfg.val_fraction,
+            min_char_count=self.cfg.min_char_count, vocab=vocab,
+        )
+        self.model_config = self._model_config(resume_from or init)
+        torch.manual_seed(self.cfg.seed)
+        self.model = CharRNN(self.model_config).to(self.device)
+        if init:
+            init.load_weights(self.model, self.device)
+        self.batcher = StreamBatcher(self.corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.rank, self.world_size)
+        self.optimizer = make_optimizer(self.cfg, self.model.parameters())
+        self.schedule = LRSchedule(self.cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step_fn = torch.compile(self.model) if self.cfg.compile else self.model
+        self.offset_rng = torch.Generator().manual_seed(self.cfg.seed + 1)
+        # progress
+        self.step = self.epoch = self.batch_in_epoch = self.offset = 0
+        self.train_chars = 0
+        self.train_seconds = 0.0
+        self.elapsed_before = 0.0
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.bad_evals = 0
+        self.hidden = None
+        self.run_dir = Path(resume_from.path.parent) if resume_from else _new_run_dir(self.cfg)
+        if resume_from:
+            self._restore(resume_from)
+
+    # -- construction ---------------------------------------------------------------------------
+    def _model_config(self, source: ckpt.Checkpoint | None) -> ModelConfig:
+        if source is not None:
+            if source.kind != "language-model":
+                raise CharnnError(f"{source.path} is a {source.kind} checkpoint; --init-from needs a language model")
+            return ModelConfig.from_dict(source.config["model"])
+        values = {name: getattr(self.cfg, name) for name in MODEL_FIELDS}
+        return ModelConfig(vocab_size=len(self.corpus.vocab), **values)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict | None = None, **kwargs) -> "Trainer":
+        """Continue a run exactly where its last checkpoint stopped; ``overrides`` may extend the budget."""
+        source = ckpt.load_checkpoint(run_dir, which="last", with_train_state=True)
+        cfg = TrainConfig.from_dict(source.config["training"])
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                setattr(cfg, key, value)
+        cfg.init_from = None
+        return cls(cfg, resume_from=source, **kwargs)
+
+    def _restore(self, source: ckpt.Checkpoint) -> None:
+        source.load_weights(self.model, self.device)
+        st, tensors = source.train_state, source.train_tensors
+        ckpt.restore_optimizer(self.optimizer, st["optimizer"], {k: v.to(self.device) for k, v in tensors.items()})
+        self.schedule.load(st["schedule"])
+        for name in ("step", "epoch", "batch_in_epoch", "offset", "train_chars", "train_seconds", "best_val",
+                     "last_val", "bad_evals"):
+            setattr(self, name, st[name])
+        self.elapsed_before = st["elapsed"]
+        torch.set_rng_state(tensors["rng.torch"])
+        self.offset_rng.set_state(tensors["rng.offsets"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        hidden = [tensors[k].to(self.device) for k in ("hidden.h", "hidden.c") if k in tensors]
+        self.hidden = None if not hidden else tuple(hidden) if len(hidden) == 2 else hidden[0]
+        ckpt.truncate_metrics(self.run_dir, self.step)
+
+    # -- budget -------------------------------------------------------------------------------------
+    def _epoch_progress(self) -> float:
+        return self.epoch + self.batch_in_epoch / self.batcher.steps_per_epoch
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._started
+
+    def progress(self) -> float:
+        """Fraction of the budget used: the largest of steps, epochs and time."""
+        cfg = self.cfg
+        parts = [0.0]
+        if cfg.max_steps:
+            parts.append(self.step / cfg.max_steps)
+        if cfg.max_epochs:
+            parts.append(self._epoch_progress() / cfg.max_epochs)
+        if cfg.time_budget:
+            parts.append(self._elapsed() / cfg.time_budget)
+        return max(parts)
+
+    def _budget_spent(self) -> str | None:
+        cfg = self.cfg
+        if cfg.max_steps and self.step >= cfg.max_steps:
+            return "max-steps"
+        if cfg.max_epochs and self._epoch_progress() >= cfg.max_epochs - 1e-9:
+            return "max-epochs"
+        if cfg.time_budget and self._elapsed() >= cfg.time_budget:
+            return "time"
+        return None
+
+    # -- one step -------------------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        lr = self.cfg.lr * self.schedule.factor(self.step, self.progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _detached_hidden(self):
+        h = self.hidden
+        if h is None:
+            return None
+        return tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on one batch (split into ``grad_accum`` micro-batches along time)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        hidden = self._detached_hidden()
+        total = 0.0
+        chunks = list(zip(x.tensor_split(self.cfg.grad_accum, dim=1), y.tensor_split(self.cfg.grad_accum, dim=1)))
+        for xc, yc in chunks:
+            with autocast(self.device, self.precision):
+                logits, hidden = self.step_fn(xc, hidden)
+                loss = sequence_loss(logits, yc) * xc.size(1) / x.size(1)
+            self.scaler.scale(loss).backward()
+            hidden = tuple(t.detach() for t in hidden) if isinstance(hidden, tuple) else hidden.detach()
+            total += float(loss.detach())
+        self.hidden = hidden
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total
+
+    def validate(self) -> float | None:
+        if len(self.corpus.val) < 2:
+            return None
+        nats, _ = evaluate(self.model, self.corpus.val, device=self.device, precision=self.precision,
+                           seq_len=max(self.cfg.seq_len, 128))
+        return bits_per_char(nats)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _config_dict(self) -> dict:
+        return {
+            "kind": "language-model",
+            "charnn_version": _version(),
+            "model": self.model_config.to_dict(),
+            "training": self.cfg.to_dict(),
+            "summary": {
+                "step": self.step, "epoch": round(self._epoch_progress(), 4), "val_bpc": self.last_val,
+                "best_val_bpc": self.best_val, "train_chars": self.train_chars, "device": str(self.device),
+                "precision": self.precision, "parameters": self.model.num_parameters(),
+                "corpus_chars": self.corpus.n_chars, "elapsed": round(self._elapsed(), 2),
+            },
+        }
+
+    def save(self, which: str) -> Path:
+        """Write ``best`` (weights only) or ``last`` (with the full training state)."""
+        train_state = tensors = None
+        if which == "last":
+            opt_json, tensors = ckpt.optimizer_state(self.optimizer)
+            train_state = {
+                "optimizer": opt_json, "schedule": self.schedule.state(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "offset": self.offset, "train_chars": self.train_chars,
+                "train_seconds": self.train_seconds, "best_val": self.best_val, "last_val": self.last_val,
+                "bad_evals": self.bad_evals, "elapsed": self._elapsed(),
+            }
+            tensors["rng.torch"] = torch.get_rng_state()
+            tensors["rng.offsets"] = self.offset_rng.get_state()
+            if self.device.type == "cuda":
+                tensors["rng.cuda"] = torch.cuda.get_rng_state()
+            if self.hidden is not None:
+                h = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
+                tensors.update({f"hidden.{n}": t for n, t in zip("hc", h)})
+        return ckpt.save_checkpoint(self.run_dir / which, model=self.model, vocab=self.corpus.vocab,
+                                    config=self._config_dict(), train_state=train_state, train_tensors=tensors)
+
+    # -- logging -----------------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        record = {"step": self.step, "epoch": round(self._epoch_progress(), 4), **record,
+                  "elapsed": round(self._elapsed(), 3)}
+        ckpt.append_metrics(self.run_dir, record)
+        if self.on_log:
+            self.on_log(record)
+
+    def describe(self) -> str:
+        c, m = self.cfg, self.model_config
+        return (
+            f"model: {m.layers}x{m.hidden} {m.cell.upper()}, embed {m.embed_dim or 'one-hot'}, "
+            f"{self.model.num_parameters():,} parameters, vocabulary {len(self.corpus.vocab)}\n"
+            f"data: {len(self.corpus.train):,} training / {len(self.corpus.val):,} validation chars; "
+            f"batch {c.batch_size} x seq {c.seq_len}, {self.batcher.steps_per_epoch} steps per epoch\n"
+            f"device: {self.device} ({self.precision}), {torch.get_num_threads()} CPU threads; "
+            f"lr {c.lr:g} ({c.schedule}), budget: {_budget_text(c)}\n"
+            f"run directory: {self.run_dir}"
+        )
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._started = time.perf_counter()
+        eval_every = cfg.eval_every or max(self.batcher.steps_per_epoch, 1)
+        bar = _ProgressBar(self, disable=cfg.quiet or self.rank != 0)
+        stop_reason = None
+        self.model.train()
+        with _StopFlag() as stop, bar:
+            while stop_reason is None:
+                if self.batch_in_epoch == 0:
+                    self.offset = int(torch.randint(0, cfg.seq_len, (1,), generator=self.offset_rng))
+                    self.hidden = None
+                for x, y in self.batcher.batches(self.offset, self.batch_in_epoch):
+                    lr = self._set_lr()
+                    t0 = time.perf_counter()
+                    loss = self.train_step(x, y)
+                    if not math.isfinite(loss):
+                        stop_reason = "diverged"
+                    self.train_seconds += time.perf_counter() - t0
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self.train_chars += x.numel() * self.world_size
+                    if self.batch_in_epoch == self.batcher.steps_per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    speed = self.train_chars / max(self.train_seconds, 1e-9)
+                    if self.step % cfg.log_every == 0 or self.batch_in_epoch == 0:
+                        self._log({"train_loss": round(loss, 5), "lr": lr, "chars_per_sec": round(speed)})
+                    bar.update(loss, speed)
+                    stop_reason = stop_reason or self._budget_spent()
+                    if self.step % eval_every == 0 or self.batch_in_epoch == 0 or stop_reason:
+                        stop_reason = self._evaluate_and_save(stop_reason)
+                        bar.update(loss, speed)
+                    if stop.signum is not None:
+                        self._log({"interrupted": signal.Signals(stop.signum).name})
+                        self.save("last")
+                        raise TrainingInterrupted(self.run_dir, stop.signum)
+                    if stop_reason or self.batch_in_epoch == 0:
+                        break
+        return TrainResult(self.run_dir, self.step, self._epoch_progress(), self.best_val, self.last_val,
+                           self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(), stop_reason)
+
+    def _evaluate_and_save(self, stop_reason: str | None) -> str | None:
+        val = self.validate()
+        self.last_val = val
+        improved = val is not None and (self.best_val is None or val < self.best_val)
+        if val is not None:
+            self.schedule.observe(val)
+            self.bad_evals = 0 if improved else self.bad_evals + 1
+            self.best_val = val if improved else self.best_val
+            self._log({"val_bpc": round(val, 5), "best_val_bpc": round(self.best_val, 5)})
+            if self.cfg.patience and self.bad_evals >= self.cfg.patience and not stop_reason:
+                stop_reason = "early-stopping"
+        if improved or val is None:
+            self.save("best")
+        self.save("last")
+        return stop_reason
+
+
+class _ProgressBar:
+    """tqdm bar over steps, or over seconds when the budget is a time limit."""
+
+    def __init__(self, trainer: Trainer, disable: bool):
+        from tqdm.auto import tqdm
+
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.by_time = bool(cfg.time_budget)
+        if self.by_time:
+            total = cfg.time_budget
+        else:
+            totals = [cfg.max_steps] if cfg.max_steps else []
+            if cfg.max_epochs:
+                totals.append(int(math.ceil(cfg.max_epochs * trainer.batcher.steps_per_epoch)))
+            total = min(totals) if totals else None
+        self.bar = tqdm(total=total, initial=0 if self.by_time else trainer.step, disable=disable,
+                        unit="s" if self.by_time else "step", dynamic_ncols=True, leave=True,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}{postfix}]" if self.by_time else None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def update(self, loss: float, speed: float) -> None:
+        t = self.trainer
+        if self.by_time:
+            self.bar.update(min(t._elapsed(), self.bar.total) - self.bar.n)
+        else:
+            self.bar.update(t.step - self.bar.n)
+        val = f"{t.last_val:.3f}" if t.last_val is not None else "-"
+        self.bar.set_postfix_str(f"loss {loss:.3f}, val bpc {val}, {speed:,.0f} chars/s, ep {t._epoch_progress():.2f}",
+                                 refresh=False)
+
+
+def _budget_text(cfg: TrainConfig) -> str:
+    parts = []
+    if cfg.time_budget:
+        parts.append(f"{cfg.time_budget:g} s")
+    if cfg.max_steps:
+        parts.append(f"{cfg.max_steps} steps")
+    if cfg.max_epochs:
+        parts.append(f"{cfg.max_epochs:g} epochs")
+    if cfg.patience:
+        parts.append(f"early stopping after {cfg.patience} evaluations without improvement")
+    return ", ".join(parts) or "none"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a new model (or fine-tune one with ``cfg.init_from``) and return the result."""
+    return Trainer(cfg, on_log=on_log).fit()
