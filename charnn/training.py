@@ -240,7 +240,7 @@ def evaluate(model: CharRNN, ids: np.ndarray, *, device: torch.device | str = "c
     return (total / count if count else float("nan")), count
 
 
-class _StopFlag:
+class StopSignals:
     """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C aborts at once."""
 
     def __init__(self):
@@ -480,7 +480,7 @@ class Trainer:
         bar = _ProgressBar(self, disable=cfg.quiet or self.rank != 0)
         stop_reason = None
         self.model.train()
-        with _StopFlag() as stop, bar:
+        with StopSignals() as stop, bar:
             while stop_reason is None:
                 if self.batch_in_epoch == 0:
                     self.offset = int(torch.randint(0, cfg.seq_len, (1,), generator=self.offset_rng))

@@ -34,4 +34,6 @@ def main():
     """
 
 
-from . import corpus, train  # noqa: E402,F401  (each module registers its commands)
+# Each module registers its commands on ``main`` when imported.
+from . import corpus  # noqa: E402,F401
+from . import train  # noqa: E402,F401
