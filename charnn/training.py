@@ -277,6 +277,7 @@ class Trainer:
         self.precision = pick_precision(self.cfg.precision, self.device)
         self.on_log = on_log
         self.rank, self.world_size = 0, 1
+        self.run_dir = Path(resume_from.path.parent) if resume_from else _new_run_dir(self.cfg)
         init = ckpt.load_checkpoint(self.cfg.init_from) if self.cfg.init_from and not resume_from else None
         vocab = resume_from.vocab if resume_from else init.vocab if init else None
         self.corpus: Corpus = load_corpus(
@@ -303,7 +304,6 @@ class Trainer:
         self.last_val: float | None = None
         self.bad_evals = 0
         self.hidden = None
-        self.run_dir = Path(resume_from.path.parent) if resume_from else _new_run_dir(self.cfg)
         if resume_from:
             self._restore(resume_from)
 

@@ -1,0 +1,293 @@
+"""The trainer: learning, exact resume, checkpoints, interruption and its CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charnn import TrainConfig, Trainer, train
+from charnn import checkpoint as ckpt
+from charnn.cli import main
+from charnn.data import StreamBatcher, eval_streams
+from charnn.lm import load_language_model
+from charnn.training import TrainingInterrupted
+from charnn.vocab import UNK_ID, Vocabulary
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in ckpt.read_metrics(run_dir) if "train_loss" in r}
+
+
+def tiny_config(corpus: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(corpus=[str(corpus)], preset="tiny", out=str(out), quiet=True, log_every=1, eval_every=10,
+                    precision="fp32")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+# -- learning ------------------------------------------------------------------------------
+def test_loss_falls_on_a_tiny_run(small_corpus, tmp_path):
+    result = train(tiny_config(small_corpus, tmp_path / "run", max_steps=60))
+    trace = losses(result.run_dir)
+    first = np.mean([trace[s] for s in range(1, 6)])
+    last = np.mean([trace[s] for s in range(56, 61)])
+    assert last < first - 1.0, (first, last)
+    assert result.best_val_bpc is not None and result.best_val_bpc < 5.0
+    assert result.stop_reason == "max-steps" and result.steps == 60
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_other_cells_learn(small_corpus, tmp_path, cell):
+    result = train(tiny_config(small_corpus, tmp_path / cell, cell=cell, max_steps=40))
+    trace = losses(result.run_dir)
+    assert trace[40] < trace[1] - 0.5
+
+
+def test_same_seed_same_run(small_corpus, tmp_path):
+    a = train(tiny_config(small_corpus, tmp_path / "a", max_steps=15))
+    b = train(tiny_config(small_corpus, tmp_path / "b", max_steps=15))
+    assert losses(a.run_dir) == losses(b.run_dir)
+
+
+# -- exact resume -------------------------------------------------------------------------------
+def _interrupt_at(step: int):
+    def on_log(record):
+        if record.get("step") == step and "train_loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)  # the real signal path: finish the step, save, stop
+    return on_log
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(small_corpus, tmp_path, precision):
+    whole = train(tiny_config(small_corpus, tmp_path / "whole", max_steps=40, dropout=0.1, precision=precision))
+    cfg = tiny_config(small_corpus, tmp_path / "split", max_steps=40, dropout=0.1, precision=precision)
+    with pytest.raises(TrainingInterrupted) as info:
+        Trainer(cfg, on_log=_interrupt_at(17)).fit()
+    assert info.value.exit_code == 128 + signal.SIGINT
+    assert max(losses(tmp_path / "split")) == 17
+    resumed = Trainer.resume(tmp_path / "split").fit()
+    assert resumed.steps == 40
+    assert losses(tmp_path / "split") == losses(whole.run_dir)
+    vals = lambda d: [r["val_bpc"] for r in ckpt.read_metrics(d) if "val_bpc" in r]  # noqa: E731
+    assert vals(tmp_path / "split") == vals(whole.run_dir)
+
+
+def test_resume_across_epoch_boundary_with_time_extension(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "run", max_steps=10, batch_size=16, seq_len=64)
+    first = train(cfg)
+    again = Trainer.resume(first.run_dir, {"max_steps": 20}).fit()
+    assert again.steps == 20 and sorted(losses(first.run_dir)) == list(range(1, 21))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def test_checkpoint_round_trip_gives_identical_logits(small_corpus, tmp_path):
+    trainer = Trainer(tiny_config(small_corpus, tmp_path / "run", max_steps=12, tie_weights=True, embed_dim=128))
+    trainer.fit()
+    trainer.save("best")
+    model, ck = load_language_model(trainer.run_dir, device="cpu")
+    ids = torch.from_numpy(trainer.corpus.val[:200].astype(np.int64))[None]
+    trainer.model.eval()
+    with torch.no_grad():
+        expected, _ = trainer.model(ids)
+        got, _ = model(ids)
+    assert torch.equal(expected, got)
+    assert ck.vocab == trainer.corpus.vocab
+    assert model.head.weight.data_ptr() == model.embed.weight.data_ptr()  # still tied after loading
+
+
+def test_checkpoint_files_and_no_pickle(tiny_run):
+    for name in ("best", "last"):
+        files = sorted(p.name for p in (tiny_run / name).iterdir())
+        assert {"model.safetensors", "config.json", "vocab.json"} <= set(files)
+    assert {"train_state.json", "train_state.safetensors"} <= {p.name for p in (tiny_run / "last").iterdir()}
+    config = json.loads((tiny_run / "best" / "config.json").read_text())
+    assert config["format"] == "charnn-checkpoint" and config["kind"] == "language-model"
+    assert not list(tiny_run.rglob("*.pt")) and not list(tiny_run.rglob("*.pkl"))
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    model, ck = load_language_model(run, which="last")
+    before = (run / "last" / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "_write_json", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(run / "last", model=model, vocab=ck.vocab, config={})
+    assert (run / "last" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+    load_language_model(run, which="last")
+
+
+def test_fine_tune_from_a_trained_model(tiny_run, small_corpus, tmp_path):
+    source, _ = load_language_model(tiny_run)
+    trainer = Trainer(tiny_config(small_corpus, tmp_path / "ft", max_steps=1, init_from=str(tiny_run), lr=1e-12,
+                                  warmup_steps=0))
+    assert trainer.model_config == source.config
+    for (name, a), (_, b) in zip(source.state_dict().items(), trainer.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# -- data and vocabulary ------------------------------------------------------------------------------
+def test_vocabulary_maps_rare_and_unseen_characters_to_unknown():
+    vocab = Vocabulary.from_text("aaabbc", min_count=2)
+    assert vocab.chars[1:] == ["a", "b"]
+    assert list(vocab.encode("abcz")) == [1, 2, UNK_ID, UNK_ID]
+    assert Vocabulary.from_dict(json.loads(vocab.to_json())) == vocab
+
+
+def test_batches_are_contiguous_streams():
+    data = np.arange(10_000, dtype=np.int64) % 251
+    batcher = StreamBatcher(data.astype(np.uint8), batch_size=4, seq_len=10)
+    batches = list(batcher.batches(offset=3))
+    assert len(batches) == batcher.steps_per_epoch
+    (x0, y0), (x1, _) = batches[0], batches[1]
+    assert torch.equal(y0[:, :-1], x0[:, 1:])
+    assert torch.equal(x1[:, 0], y0[:, -1])  # the next chunk continues each stream
+    assert int(x0[0, 0]) == 3
+
+
+def test_evaluation_streams_cover_every_target_once():
+    data = np.arange(1, 1001, dtype=np.int64)
+    seen = []
+    for x, y, mask in eval_streams(data, n_streams=7, seq_len=16):
+        seen.extend(y[mask].tolist())
+    assert sorted(seen) == list(range(2, 1001))
+
+
+# -- the command line ------------------------------------------------------------------------------
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_clear_error(result, fragment):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, small_corpus):
+    binary = tmp_path / "image.bin"
+    binary.write_bytes(b"\x89PNG\x00\x00\x01\x02" * 50)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café au lait ".encode("latin-1") * 100)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words\n" * 3)
+    cases = [
+        ((tmp_path / "missing.txt",), "no such file"),
+        ((binary,), "binary"),
+        ((latin,), "--encoding"),
+        ((empty,), "empty"),
+        ((short,), "too short"),
+        ((small_corpus, "--val-fraction", "1.5"), "--val-fraction"),
+        ((small_corpus, "--time", "ten minutes"), "--time"),
+        ((small_corpus, "--lr", "-1"), "--lr"),
+        ((tmp_path,), "no files matching"),
+    ]
+    for args, fragment in cases:
+        if args == (tmp_path,):
+            (tmp_path / "sub").mkdir(exist_ok=True)
+            args = (tmp_path / "sub",)
+        assert_clear_error(run_cli("train", *args, "--preset", "tiny", "--out", tmp_path / "never"), fragment)
+    assert not (tmp_path / "never").exists()
+
+
+def test_refuses_to_overwrite_an_existing_run(tiny_run):
+    before = (tiny_run / "best" / "model.safetensors").read_bytes()
+    result = run_cli("train", "whatever.txt", "--out", tiny_run)
+    assert result.exit_code == 2
+    result = run_cli("train", tiny_run / "best" / "vocab.json", "--out", tiny_run)
+    assert_clear_error(result, "--resume")
+    assert (tiny_run / "best" / "model.safetensors").read_bytes() == before
+
+
+def test_corrupt_or_partial_checkpoints_are_clear_errors(tiny_run, tmp_path, small_corpus):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "best" / "model.safetensors").write_bytes(b"not really weights")
+    assert_clear_error(run_cli("eval", broken, small_corpus), "damaged")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_run, partial)
+    (partial / "best" / "vocab.json").unlink()
+    assert_clear_error(run_cli("eval", partial, small_corpus), "vocab.json")
+    assert_clear_error(run_cli("eval", tmp_path / "nowhere", small_corpus), "not found")
+    assert_clear_error(run_cli("train", "--resume", tmp_path / "nowhere"), "not found")
+
+
+def test_eval_and_info_json(tiny_run, small_corpus):
+    result = run_cli("eval", tiny_run, small_corpus, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert 0 < report["bpc"] < 8 and report["scored_chars"] == report["chars"] - 1
+    result = run_cli("info", tiny_run, "--json")
+    info = json.loads(result.output)
+    assert info["model"]["hidden"] == 128 and info["vocabulary"]["size"] > 50
+    assert info["history"]["evaluations"]
+
+
+def test_plot_writes_a_png(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
+    out = tmp_path / "curves.png"
+    result = run_cli("plot", tiny_run, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the real console script ------------------------------------------------------------------------------
+def console(*args, **kwargs):
+    exe = Path(sys.executable).with_name("charnn")
+    cmd = [str(exe) if exe.exists() else "charnn", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_console_script_end_to_end(tmp_path):
+    corpus = tmp_path / "docs.txt"
+    built = console("corpus", "build", "python-docs", "-o", corpus, "--max-chars", "80000")
+    assert built.returncode == 0, built.stderr
+    trained = console("train", corpus, "--preset", "tiny", "--max-steps", "30", "--out", tmp_path / "run")
+    assert trained.returncode == 0, trained.stderr
+    assert "parameters" in trained.stderr and "best val bpc" in trained.stderr
+    info = console("info", tmp_path / "run", "--json")
+    assert json.loads(info.stdout)["summary"]["step"] == 30
+
+
+def test_sigint_leaves_a_resumable_checkpoint(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    exe = Path(sys.executable).with_name("charnn")
+    proc = subprocess.Popen([str(exe), "train", str(small_corpus), "--preset", "tiny", "--max-steps", "100000",
+                             "--out", str(run), "--log-every", "1", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(ckpt.read_metrics(run)) < 5:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"charnn train --resume {run}" in err
+    ck = ckpt.load_checkpoint(run, which="last", with_train_state=True)
+    step = ck.train_state["step"]
+    assert step >= 5
+    resumed = console("train", "--resume", run, "--max-steps", step + 3, "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert ckpt.load_checkpoint(run, which="last", with_train_state=True).train_state["step"] == step + 3
