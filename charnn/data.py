@@ -67,7 +67,9 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
 
 
 def read_corpus_text(paths: Sequence[str | Path], glob: str = "**/*", encoding: str = "utf-8") -> str:
-    """Concatenate the corpus files; an empty result is an error."""
+    """Concatenate the corpus files, adding a newline between files where one is missing.
+
+    An empty result is an error."""
     texts = [read_text(f, encoding) for f in resolve_files(paths, glob)]
     text = "".join(t if t.endswith("\n") or i == len(texts) - 1 else t + "\n" for i, t in enumerate(texts))
     if not text.strip():
@@ -105,9 +107,26 @@ def load_corpus(
     val_fraction: float = 0.1,
     min_char_count: int = 1,
     vocab: Vocabulary | None = None,
+    stream_threshold: int | None = None,
+    progress: bool = True,
 ) -> Corpus:
-    """Read, split and encode a corpus. A given ``vocab`` is reused (fine-tuning, resuming)."""
-    text = read_corpus_text(paths, glob, encoding)
+    """Read, split and encode a corpus. A given ``vocab`` is reused (fine-tuning, resuming).
+
+    Corpora above ``stream_threshold`` bytes (default 64 MiB) are encoded once,
+    streaming, into a cached memory-mapped token file (see ``tokenstore``);
+    smaller ones are read into memory.
+    """
+    from . import tokenstore
+
+    split_point(1, val_fraction)  # validates the fraction before any reading
+    files = resolve_files(paths, glob)
+    threshold = tokenstore.STREAM_THRESHOLD_BYTES if stream_threshold is None else stream_threshold
+    if sum(f.stat().st_size for f in files) > threshold:
+        vocab, ids, n_train = tokenstore.load_token_file(
+            files, encoding=encoding, val_fraction=val_fraction, min_char_count=min_char_count, vocab=vocab,
+            progress=progress)
+        return Corpus(vocab, ids[:n_train], ids[n_train:], [str(p) for p in paths])
+    text = read_corpus_text(files, "", encoding)
     cut = split_point(len(text), val_fraction)
     train_text, val_text = text[:cut], text[cut:]
     if vocab is None:
@@ -117,32 +136,37 @@ def load_corpus(
 
 # -- batching -----------------------------------------------------------------------
 class StreamBatcher:
-    """Truncated-BPTT batches over ``batch_size`` contiguous streams of ``data``.
+    """Truncated-BPTT batches over contiguous streams of ``data``.
 
-    With ``world_size`` > 1 the text is cut into ``world_size * batch_size``
-    streams and rank ``rank`` reads its own disjoint ``batch_size`` of them.
+    The text is cut into ``world_size * grad_accum * batch_size`` streams (the
+    global batch). Process ``rank`` reads its own disjoint
+    ``grad_accum * batch_size`` of them, as ``grad_accum`` micro-batches per
+    step, so the same global batch gives the same streams on any number of
+    processes.
     """
 
-    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 grad_accum: int = 1):
         self.data, self.batch_size, self.seq_len = data, batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        n_streams = batch_size * world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.rows_per_rank = batch_size * grad_accum
+        self.n_streams = self.rows_per_rank * world_size
         # Leave room for any offset below seq_len plus the one-character target shift.
-        self.steps_per_epoch = (len(data) - seq_len) // (n_streams * seq_len)
+        self.steps_per_epoch = (len(data) - seq_len) // (self.n_streams * seq_len)
         if self.steps_per_epoch < 1:
-            need = n_streams * seq_len + seq_len
+            need = self.n_streams * seq_len + seq_len
             raise CharnnError(
                 f"the training text is too short for one batch: {len(data):,} characters, "
-                f"need at least {need:,} (batch size {batch_size} x {world_size} process(es) x seq len {seq_len}, "
-                f"plus one seq len); lower --batch-size or --seq-len, or give more text"
+                f"need at least {need:,} ({self.n_streams} streams (batch size x grad accumulation x processes) "
+                f"x seq len {seq_len}, plus one seq len); lower --batch-size or --seq-len, or give more text"
             )
 
     def batches(self, offset: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (inputs, targets) int64 tensors of shape (batch, seq_len), from step ``start``."""
-        T, B = self.seq_len, self.batch_size
+        """Yield this rank's (inputs, targets) int64 tensors of shape (batch * grad_accum, seq_len)."""
+        T = self.seq_len
         span = self.steps_per_epoch * T
-        n = self.batch_size * self.world_size * span
-        rows = slice(self.rank * B, (self.rank + 1) * B)
+        n = self.n_streams * span
+        rows = slice(self.rank * self.rows_per_rank, (self.rank + 1) * self.rows_per_rank)
         x = self.data[offset : offset + n].reshape(-1, span)[rows]
         y = self.data[offset + 1 : offset + 1 + n].reshape(-1, span)[rows]
         for i in range(start, self.steps_per_epoch):
@@ -153,23 +177,32 @@ class StreamBatcher:
             )
 
 
-def eval_streams(data: np.ndarray, n_streams: int, seq_len: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Cover every target of ``data`` once with carried-state chunks.
+def eval_streams(data: np.ndarray, n_streams: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Cover every target of ``data`` exactly once with carried-state chunks.
 
     The text is cut into ``n_streams`` contiguous streams (fewer for short
-    text); yields (inputs, targets, mask) chunks, the mask marking real targets
-    in the last, possibly ragged, chunk.
+    text; the last one takes the remainder); yields (inputs, targets, mask)
+    chunks of shape (streams, seq_len), the mask marking real targets. Only one
+    chunk is materialised at a time, so ``data`` may be a memory map. With
+    ``world_size`` > 1, process ``rank`` gets every ``world_size``-th stream.
     """
     n_targets = len(data) - 1
     if n_targets < 1:
         return
     n_streams = max(1, min(n_streams, n_targets // max(seq_len, 1)))
-    length = math.ceil(n_targets / n_streams)
-    pad = n_streams * length - n_targets
-    ids = data.astype(np.int64)
-    x = np.concatenate([ids[:-1], np.zeros(pad, np.int64)]).reshape(n_streams, length)
-    y = np.concatenate([ids[1:], np.zeros(pad, np.int64)]).reshape(n_streams, length)
-    valid = np.concatenate([np.ones(n_targets, bool), np.zeros(pad, bool)]).reshape(n_streams, length)
-    for s in range(0, length, seq_len):
-        cols = slice(s, s + seq_len)
-        yield torch.from_numpy(x[:, cols].copy()), torch.from_numpy(y[:, cols].copy()), torch.from_numpy(valid[:, cols].copy())
+    length = n_targets // n_streams
+    starts = np.arange(n_streams) * length
+    lengths = np.full(n_streams, length)
+    lengths[-1] += n_targets - n_streams * length
+    mine = np.arange(n_streams)[rank::world_size]
+    starts, lengths = starts[mine], lengths[mine]
+    if not len(mine):
+        return
+    for s in range(0, int(lengths.max()), seq_len):
+        cols = s + np.arange(seq_len)
+        valid = cols[None, :] < lengths[:, None]
+        idx = np.where(valid, starts[:, None] + cols[None, :], 0)
+        x = np.asarray(data[idx], dtype=np.int64)
+        y = np.asarray(data[idx + 1], dtype=np.int64)
+        yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(valid)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from .errors import CharnnError
 
 CELLS = ("lstm", "gru", "rnn")
-INITS = ("orthogonal", "identity", "xavier", "default")
+INITS = ("orthogonal", "identity", "xavier", "gaussian", "default")
+GAUSSIAN_STD = 0.05  # --init gaussian: N(0, 0.05^2), the Passage library's "normal" init (the naive baseline)
 ACTIVATIONS = ("tanh", "relu")
 
 State = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
@@ -155,11 +156,14 @@ def init_recurrent(rnn: nn.Module, c: ModelConfig) -> None:
     """Initialise recurrent weights per ``c.init``, and the LSTM forget-gate bias.
 
     Recurrent matrices are initialised one gate block at a time, so every
-    gate's hidden-to-hidden map is orthogonal (or the identity).
+    gate's hidden-to-hidden map is orthogonal (or the identity). ``gaussian``
+    draws every weight from N(0, GAUSSIAN_STD^2) and zeroes the biases.
     """
     gates = gate_count(c.cell)
     for name, p in rnn.named_parameters():
-        if "weight_hh" in name and c.init != "default":
+        if c.init == "gaussian" and ("weight_hh" in name or "weight_ih" in name):
+            nn.init.normal_(p, 0.0, GAUSSIAN_STD)
+        elif "weight_hh" in name and c.init != "default":
             for block in p.view(gates, c.hidden, c.hidden):
                 if c.init == "orthogonal":
                     nn.init.orthogonal_(block)
@@ -171,7 +175,7 @@ def init_recurrent(rnn: nn.Module, c: ModelConfig) -> None:
             for block in p.view(gates, c.hidden, -1):
                 nn.init.xavier_uniform_(block)
         elif "bias" in name:
-            if c.init == "identity":
+            if c.init in ("identity", "gaussian"):
                 p.zero_()
             if c.cell == "lstm":
                 forget = slice(c.hidden, 2 * c.hidden)  # PyTorch gate order: input, forget, cell, output

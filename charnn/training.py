@@ -10,10 +10,9 @@ checkpoint first).
 
 from __future__ import annotations
 
+import contextlib
 import math
-import random
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
-from .devices import autocast, pick_device, pick_precision
+from .devices import autocast, pick_precision
+from .distributed import DistContext, init_from_env, shutdown
 from .errors import CharnnError
 from .model import CharRNN, ModelConfig, bits_per_char, sequence_loss
 from .presets import recommend
@@ -69,7 +69,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05
-    grad_accum: int = 1
+    grad_accum: int | None = 1
     # budget and validation
     max_epochs: float | None = None
     max_steps: int | None = None
@@ -129,7 +129,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.seq_len >= 1, f"--seq-len must be at least 1, got {cfg.seq_len}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (cfg.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {cfg.grad_clip}"),
-        (cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
+        (cfg.grad_accum is not None and cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
         (cfg.min_char_count >= 1, f"--min-char-count must be at least 1, got {cfg.min_char_count}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be at least 1, got {cfg.max_steps}"),
         (cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs must be positive, got {cfg.max_epochs}"),
@@ -144,11 +144,24 @@ def _validate(cfg: TrainConfig) -> None:
 
 def _fill_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """Replace every ``None`` by the preset's or the device's recommended value."""
+    cfg.grad_accum = cfg.grad_accum or 1
     rec = recommend(device, cfg.time_budget, cfg.preset)
     for name, value in rec.items():
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
     return cfg
+
+
+def _fit_global_batch(cfg: TrainConfig, train_state: dict, world_size: int) -> None:
+    """Keep a resumed run's global batch (its text streams) whatever the number of processes."""
+    streams = train_state.get("global_streams", cfg.batch_size * cfg.grad_accum)
+    per_process = cfg.grad_accum * world_size
+    if streams % per_process:
+        raise CharnnError(
+            f"the run was trained with a global batch of {streams} streams, which {world_size} process(es) x "
+            f"--grad-accum {cfg.grad_accum} cannot split evenly; choose --grad-accum or a process count that divides it"
+        )
+    cfg.batch_size = streams // per_process
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -222,14 +235,19 @@ class LRSchedule:
 
 @torch.no_grad()
 def evaluate(model: CharRNN, ids: np.ndarray, *, device: torch.device | str = "cpu", precision: str = "fp32",
-             n_streams: int = 64, seq_len: int = 256) -> tuple[float, int]:
-    """Mean loss in nats per character over every target of ``ids``, carrying state; and the count."""
+             n_streams: int = 64, seq_len: int = 256, ctx: DistContext | None = None) -> tuple[float, int]:
+    """Mean loss in nats per character over every target of ``ids``, carrying state; and the count.
+
+    With a distributed ``ctx``, each process scores its share of the streams
+    and the sums are all-reduced, giving the single-process figure.
+    """
     device = torch.device(device)
+    ctx = ctx or DistContext()
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
     try:
-        for x, y, mask in eval_streams(ids, n_streams, seq_len):
+        for x, y, mask in eval_streams(ids, n_streams, seq_len, ctx.rank, ctx.world_size):
             x, y, mask = x.to(device), y.to(device), mask.to(device)
             with autocast(device, precision):
                 logits, state = model(x, state)
@@ -237,7 +255,8 @@ def evaluate(model: CharRNN, ids: np.ndarray, *, device: torch.device | str = "c
             count += int(mask.sum())
     finally:
         model.train(was_training)
-    return (total / count if count else float("nan")), count
+    total, count = ctx.sum([total, float(count)], device)
+    return (total / count if count else float("nan")), int(count)
 
 
 class StopSignals:
@@ -271,29 +290,40 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume_from: ckpt.Checkpoint | None = None,
                  on_log: Callable[[dict], None] | None = None):
-        self.device = pick_device(cfg.device)
+        self.dist = init_from_env(cfg.device)
+        self.device = self.dist.device(cfg.device)
         self.cfg = cfg if resume_from else _fill_defaults(cfg, self.device)
+        if resume_from:
+            _fit_global_batch(self.cfg, resume_from.train_state, self.dist.world_size)
         _validate(self.cfg)
         self.precision = pick_precision(self.cfg.precision, self.device)
         self.on_log = on_log
-        self.rank, self.world_size = 0, 1
-        self.run_dir = Path(resume_from.path.parent) if resume_from else _new_run_dir(self.cfg)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.run_dir = Path(resume_from.path.parent) if resume_from else self._agree_on_run_dir()
         init = ckpt.load_checkpoint(self.cfg.init_from) if self.cfg.init_from and not resume_from else None
         vocab = resume_from.vocab if resume_from else init.vocab if init else None
         self.corpus: Corpus = load_corpus(
             self.cfg.corpus, glob=self.cfg.glob, encoding=self.cfg.encoding, val_fraction=self.cfg.val_fraction,
-            min_char_count=self.cfg.min_char_count, vocab=vocab,
+            min_char_count=self.cfg.min_char_count, vocab=vocab, progress=not self.cfg.quiet and self.dist.is_main,
         )
         self.model_config = self._model_config(resume_from or init)
         torch.manual_seed(self.cfg.seed)
         self.model = CharRNN(self.model_config).to(self.device)
         if init:
             init.load_weights(self.model, self.device)
-        self.batcher = StreamBatcher(self.corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.rank, self.world_size)
+        self.batcher = StreamBatcher(self.corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.rank,
+                                     self.world_size, self.cfg.grad_accum)
         self.optimizer = make_optimizer(self.cfg, self.model.parameters())
         self.schedule = LRSchedule(self.cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.step_fn = torch.compile(self.model) if self.cfg.compile else self.model
+        self.ddp = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        trained = self.ddp or self.model
+        self.step_fn = torch.compile(trained) if self.cfg.compile else trained
         self.offset_rng = torch.Generator().manual_seed(self.cfg.seed + 1)
         # progress
         self.step = self.epoch = self.batch_in_epoch = self.offset = 0
@@ -307,6 +337,15 @@ class Trainer:
         if resume_from:
             self._restore(resume_from)
 
+    def _agree_on_run_dir(self) -> Path:
+        """Rank 0 picks (and checks) the run directory; every process uses the same one."""
+        chosen = [str(_new_run_dir(self.cfg)) if self.dist.is_main else None]
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(chosen, src=0)
+        return Path(chosen[0])
+
     # -- construction ---------------------------------------------------------------------------
     def _model_config(self, source: ckpt.Checkpoint | None) -> ModelConfig:
         if source is not None:
@@ -318,7 +357,11 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: str | Path, overrides: dict | None = None, **kwargs) -> "Trainer":
-        """Continue a run exactly where its last checkpoint stopped; ``overrides`` may extend the budget."""
+        """Continue a run exactly where its last checkpoint stopped; ``overrides`` may extend the budget.
+
+        A run saved by N processes resumes on M processes (or one) with the same
+        global batch: the per-process batch becomes global / (M x grad_accum).
+        """
         source = ckpt.load_checkpoint(run_dir, which="last", with_train_state=True)
         cfg = TrainConfig.from_dict(source.config["training"])
         for key, value in (overrides or {}).items():
@@ -336,13 +379,16 @@ class Trainer:
                      "last_val", "bad_evals"):
             setattr(self, name, st[name])
         self.elapsed_before = st["elapsed"]
-        torch.set_rng_state(tensors["rng.torch"])
+        own_rng = f"rng.torch.{self.rank}"
+        torch.set_rng_state(tensors[own_rng] if own_rng in tensors else tensors["rng.torch.0"])
         self.offset_rng.set_state(tensors["rng.offsets"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
-        hidden = [tensors[k].to(self.device) for k in ("hidden.h", "hidden.c") if k in tensors]
+        rows = slice(self.rank * self.batcher.rows_per_rank, (self.rank + 1) * self.batcher.rows_per_rank)
+        hidden = [tensors[k][:, rows].to(self.device) for k in ("hidden.h", "hidden.c") if k in tensors]
         self.hidden = None if not hidden else tuple(hidden) if len(hidden) == 2 else hidden[0]
-        ckpt.truncate_metrics(self.run_dir, self.step)
+        if self.dist.is_main:
+            ckpt.truncate_metrics(self.run_dir, self.step)
 
     # -- budget -------------------------------------------------------------------------------------
     def _epoch_progress(self) -> float:
@@ -380,27 +426,27 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _detached_hidden(self):
-        h = self.hidden
-        if h is None:
-            return None
-        return tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on one batch (split into ``grad_accum`` micro-batches along time)."""
+        """One optimizer step on this process's rows, in ``grad_accum`` micro-batches of ``batch_size`` rows.
+
+        Returns the mean training loss (nats per character) over the global batch.
+        """
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        hidden = self._detached_hidden()
-        total = 0.0
-        chunks = list(zip(x.tensor_split(self.cfg.grad_accum, dim=1), y.tensor_split(self.cfg.grad_accum, dim=1)))
-        for xc, yc in chunks:
-            with autocast(self.device, self.precision):
-                logits, hidden = self.step_fn(xc, hidden)
-                loss = sequence_loss(logits, yc) * xc.size(1) / x.size(1)
-            self.scaler.scale(loss).backward()
-            hidden = tuple(t.detach() for t in hidden) if isinstance(hidden, tuple) else hidden.detach()
+        k_steps, rows = self.cfg.grad_accum, self.cfg.batch_size
+        carried, total = [], 0.0
+        for k in range(k_steps):
+            part = slice(k * rows, (k + 1) * rows)
+            hidden = None if self.hidden is None else map_state(lambda t: t[:, part].detach(), self.hidden)
+            last = k == k_steps - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with autocast(self.device, self.precision):
+                    logits, hidden = self.step_fn(x[part], hidden)
+                    loss = sequence_loss(logits, y[part]) / k_steps
+                self.scaler.scale(loss).backward()
+            carried.append(map_state(torch.Tensor.detach, hidden))
             total += float(loss.detach())
-        self.hidden = hidden
+        self.hidden = carried[0] if k_steps == 1 else map_states(lambda *ts: torch.cat(ts, dim=1), carried)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -412,7 +458,7 @@ class Trainer:
         if len(self.corpus.val) < 2:
             return None
         nats, _ = evaluate(self.model, self.corpus.val, device=self.device, precision=self.precision,
-                           seq_len=max(self.cfg.seq_len, 128))
+                           seq_len=max(self.cfg.seq_len, 128), ctx=self.dist)
         return bits_per_char(nats)
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -430,29 +476,45 @@ class Trainer:
             },
         }
 
-    def save(self, which: str) -> Path:
-        """Write ``best`` (weights only) or ``last`` (with the full training state)."""
+    def save(self, which: str) -> Path | None:
+        """Write ``best`` (weights only) or ``last`` (with the full training state).
+
+        Every process must call it (it gathers the carried state and RNG of all
+        of them); only rank 0 writes.
+        """
         train_state = tensors = None
         if which == "last":
+            gathered = self._gathered_state()
             opt_json, tensors = ckpt.optimizer_state(self.optimizer)
             train_state = {
                 "optimizer": opt_json, "schedule": self.schedule.state(), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "offset": self.offset, "train_chars": self.train_chars,
                 "train_seconds": self.train_seconds, "best_val": self.best_val, "last_val": self.last_val,
                 "bad_evals": self.bad_evals, "elapsed": self._elapsed(),
+                "global_streams": self.batcher.n_streams, "world_size": self.world_size,
             }
-            tensors["rng.torch"] = torch.get_rng_state()
+            tensors.update(gathered)
             tensors["rng.offsets"] = self.offset_rng.get_state()
             if self.device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
-            if self.hidden is not None:
-                h = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
-                tensors.update({f"hidden.{n}": t for n, t in zip("hc", h)})
+        if not self.dist.is_main:
+            return None
         return ckpt.save_checkpoint(self.run_dir / which, model=self.model, vocab=self.corpus.vocab,
                                     config=self._config_dict(), train_state=train_state, train_tensors=tensors)
 
+    def _gathered_state(self) -> dict[str, torch.Tensor]:
+        """Every process's RNG state and carried hidden rows, in global stream order."""
+        rng = self.dist.gather_rows(torch.get_rng_state()[None].to(self.device), dim=0).cpu()
+        tensors = {f"rng.torch.{r}": rng[r] for r in range(self.world_size)}
+        if self.hidden is not None:
+            h = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
+            tensors.update({f"hidden.{n}": self.dist.gather_rows(t, dim=1) for n, t in zip("hc", h)})
+        return tensors
+
     # -- logging -----------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         record = {"step": self.step, "epoch": round(self._epoch_progress(), 4), **record,
                   "elapsed": round(self._elapsed(), 3)}
         ckpt.append_metrics(self.run_dir, record)
@@ -465,7 +527,10 @@ class Trainer:
             f"model: {m.layers}x{m.hidden} {m.cell.upper()}, embed {m.embed_dim or 'one-hot'}, "
             f"{self.model.num_parameters():,} parameters, vocabulary {len(self.corpus.vocab)}\n"
             f"data: {len(self.corpus.train):,} training / {len(self.corpus.val):,} validation chars; "
-            f"batch {c.batch_size} x seq {c.seq_len}, {self.batcher.steps_per_epoch} steps per epoch\n"
+            f"batch {c.batch_size} x seq {c.seq_len}"
+            + (f" x {c.grad_accum} accumulation" if c.grad_accum > 1 else "")
+            + (f" x {self.world_size} processes" if self.world_size > 1 else "")
+            + f", {self.batcher.steps_per_epoch} steps per epoch\n"
             f"device: {self.device} ({self.precision}), {torch.get_num_threads()} CPU threads; "
             f"lr {c.lr:g} ({c.schedule}), budget: {_budget_text(c)}\n"
             f"run directory: {self.run_dir}"
@@ -473,11 +538,18 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            shutdown()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._started = time.perf_counter()
         eval_every = cfg.eval_every or max(self.batcher.steps_per_epoch, 1)
-        bar = _ProgressBar(self, disable=cfg.quiet or self.rank != 0)
+        bar = _ProgressBar(self, disable=cfg.quiet or not self.dist.is_main)
         stop_reason = None
         self.model.train()
         with StopSignals() as stop, bar:
@@ -489,8 +561,6 @@ class Trainer:
                     lr = self._set_lr()
                     t0 = time.perf_counter()
                     loss = self.train_step(x, y)
-                    if not math.isfinite(loss):
-                        stop_reason = "diverged"
                     self.train_seconds += time.perf_counter() - t0
                     self.step += 1
                     self.batch_in_epoch += 1
@@ -499,16 +569,22 @@ class Trainer:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     speed = self.train_chars / max(self.train_seconds, 1e-9)
                     if self.step % cfg.log_every == 0 or self.batch_in_epoch == 0:
-                        self._log({"train_loss": round(loss, 5), "lr": lr, "chars_per_sec": round(speed)})
+                        loss_all = self.dist.sum([loss], self.device)[0] / self.world_size
+                        self._log({"train_loss": round(loss_all, 5), "lr": lr, "chars_per_sec": round(speed)})
                     bar.update(loss, speed)
-                    stop_reason = stop_reason or self._budget_spent()
+                    interrupted, out_of_time, diverged = self.dist.any(
+                        [stop.signum is not None, cfg.time_budget is not None and self._budget_spent() == "time",
+                         not math.isfinite(loss)], self.device)
+                    budget = self._budget_spent()
+                    stop_reason = "diverged" if diverged else "time" if out_of_time else budget if budget != "time" else None
                     if self.step % eval_every == 0 or self.batch_in_epoch == 0 or stop_reason:
                         stop_reason = self._evaluate_and_save(stop_reason)
                         bar.update(loss, speed)
-                    if stop.signum is not None:
-                        self._log({"interrupted": signal.Signals(stop.signum).name})
+                    if interrupted:
+                        signum = stop.signum or signal.SIGTERM
+                        self._log({"interrupted": signal.Signals(signum).name})
                         self.save("last")
-                        raise TrainingInterrupted(self.run_dir, stop.signum)
+                        raise TrainingInterrupted(self.run_dir, signum)
                     if stop_reason or self.batch_in_epoch == 0:
                         break
         return TrainResult(self.run_dir, self.step, self._epoch_progress(), self.best_val, self.last_val,
@@ -566,6 +642,18 @@ class _ProgressBar:
         val = f"{t.last_val:.3f}" if t.last_val is not None else "-"
         self.bar.set_postfix_str(f"loss {loss:.3f}, val bpc {val}, {speed:,.0f} chars/s, ep {t._epoch_progress():.2f}",
                                  refresh=False)
+
+
+def map_state(fn, state):
+    """Apply ``fn`` to the tensor(s) of a recurrent state: h, or (h, c) for an LSTM."""
+    return tuple(fn(t) for t in state) if isinstance(state, tuple) else fn(state)
+
+
+def map_states(fn, states: list):
+    """Combine several states tensor by tensor, e.g. concatenating micro-batches."""
+    if isinstance(states[0], tuple):
+        return tuple(fn(*parts) for parts in zip(*states))
+    return fn(*states)
 
 
 def _budget_text(cfg: TrainConfig) -> str:

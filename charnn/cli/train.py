@@ -43,7 +43,7 @@ def _echo(msg: str) -> None:
 @click.option("--dropout", type=float, help="Dropout between layers and before the output layer.")
 @click.option("--embed-dropout", type=float, help="Dropout on the embeddings.")
 @click.option("--tie-weights/--no-tie-weights", default=None, help="Share the input embedding with the output layer.")
-@click.option("--init", "init_scheme", type=click.Choice(["orthogonal", "identity", "xavier", "default"]), help="Recurrent weight initialisation.  [default: orthogonal]")
+@click.option("--init", "init_scheme", type=click.Choice(["orthogonal", "identity", "xavier", "gaussian", "default"]), help="Recurrent weight initialisation (gaussian: N(0, 0.05^2), the naive baseline).  [default: orthogonal]")
 @click.option("--forget-bias", type=float, help="LSTM forget-gate bias.  [default: 1]")
 @click.option("--activation", type=click.Choice(["tanh", "relu"]), help="Plain RNN nonlinearity (relu + --init identity = IRNN).")
 @click.option("--gate-slope", type=float, help="Steeper gates: sigmoid(S*x) (uses charnn's own cell when not 1).")
@@ -59,7 +59,7 @@ def _echo(msg: str) -> None:
 @click.option("--warmup-steps", type=int, help="Linear learning-rate warmup.")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine", show_default=True,
               help="cosine: decay to the end of the budget; plateau: halve when validation stalls.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Split each batch into K sequential micro-steps.")
+@click.option("--grad-accum", type=int, help="Micro-batches per step: global batch = processes x batch x K.  [default: 1]")
 @click.option("--max-epochs", type=float, help="Stop after this many passes over the training text.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time", "time_text", help="Wall-clock budget, e.g. 90s, 10m, 2h.")
@@ -92,7 +92,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, **opts
     if resume:
         if corpus:
             raise CharnnError("--resume continues a run on its own corpus; drop the corpus arguments")
-        overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet")}
+        overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet", "grad_accum")}
         trainer = Trainer.resume(resume, overrides)
         log(f"resuming {trainer.run_dir} at step {trainer.step}")
     else:
