@@ -22,6 +22,11 @@ _EXPORTS = {
     "train": "training",
     "CharRNN": "model",
     "ModelConfig": "model",
+    "TextClassifier": "classify",
+    "load": "lm",
+    "LanguageModel": "lm",
+    "Completer": "completion",
+    "Suggestion": "completion",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -55,6 +55,7 @@ class ModelConfig:
             (self.activation in ACTIVATIONS, f"--activation must be tanh or relu, got {self.activation!r}"),
             (self.activation == "tanh" or self.cell == "rnn", "--activation relu applies to --cell rnn only"),
             (self.gate_slope > 0, f"--gate-slope must be positive, got {self.gate_slope}"),
+            (self.gate_slope == 1.0 or self.cell != "rnn", "--gate-slope applies to --cell lstm and gru (a plain RNN has no gates)"),
             (self.vocab_size >= 2, "the vocabulary is empty; the training text has no characters"),
         ]
         for ok, message in checks:

@@ -37,3 +37,6 @@ def main():
 # Each module registers its commands on ``main`` when imported.
 from . import corpus  # noqa: E402,F401
 from . import train  # noqa: E402,F401
+from . import complete  # noqa: E402,F401
+from . import sample  # noqa: E402,F401
+from . import classify  # noqa: E402,F401

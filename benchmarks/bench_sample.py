@@ -1,0 +1,222 @@
+"""Generation speed: charnn's sampler against a textbook per-step loop and a naive re-reading loop.
+
+The model is the default CPU model (``--preset small``: 2x256 LSTM, embedding
+64) with random weights and a 65-symbol vocabulary: speed does not depend on
+what the weights say. Everything is measured in this one invocation:
+
+* ``charnn``: ``LanguageModel.sample`` -- the path ``charnn sample`` takes:
+  the seed primed in one pass, then :class:`charnn.inference.Stepper` steps,
+  temperature sampling, stop-string checks and decoding;
+* ``charnn stepper``: ``Stepper.step_arrays`` alone (the per-step cost): BLAS
+  on one thread; batches of ``PART_ROWS`` rows or more split by hidden units
+  into parts run on parallel threads when that is faster; for comparison,
+  unsplit on one thread, and unsplit on a BLAS using every core;
+* ``textbook``: per character, ``nn.Embedding`` + ``nn.LSTM`` + ``nn.Linear``
+  + ``softmax`` + ``torch.multinomial`` on the same weights, carrying the
+  LSTM state (PyTorch's default threads, ``torch.no_grad``); also with
+  PyTorch on one thread;
+* ``naive``: per character, the whole model over the whole text so far.
+
+Each figure is the best of ``--repeats`` runs (the machine is shared); the
+naive loop, orders of magnitude slower, runs once.
+Usage::
+
+    flock /tmp/charnn-bench.lock python benchmarks/bench_sample.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from charnn.inference import Stepper, blas_threads
+from charnn.lm import LanguageModel
+from charnn.model import CharRNN, ModelConfig
+from charnn.vocab import Vocabulary
+
+CHARS = "\n" + "".join(chr(c) for c in range(32, 95))  # newline + 63 printable characters + unknown = 65
+
+
+def build_model(vocab_size: int) -> CharRNN:
+    torch.manual_seed(0)
+    return CharRNN(ModelConfig(vocab_size=vocab_size, cell="lstm", layers=2, hidden=256, embed_dim=64)).eval()
+
+
+def flops_per_char(c: ModelConfig) -> float:
+    """Multiply-adds x 2 of one LSTM step plus the output layer (as a textbook model computes them)."""
+    macs = 0
+    for k in range(c.layers):
+        in_dim = c.input_dim if k == 0 else c.hidden
+        macs += (in_dim + c.hidden) * 4 * c.hidden
+    macs += c.hidden * c.vocab_size
+    return 2.0 * macs
+
+
+def best_of(repeats: int, fn) -> float:
+    """Shortest wall time of ``repeats`` calls of ``fn`` (after a warm-up call when repeating)."""
+    if repeats > 1:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def textbook(model: CharRNN, batch: int, length: int) -> None:
+    """The per-step loop of a typical char-RNN tutorial."""
+    x = torch.zeros(batch, 1, dtype=torch.long)
+    state = None
+    with torch.no_grad():
+        for _ in range(length):
+            out, state = model.rnn(model.embed(x), state)
+            probs = torch.softmax(model.head(out[:, -1]), -1)
+            x = torch.multinomial(probs, 1)
+
+
+def textbook_one_thread(model: CharRNN, batch: int, length: int) -> None:
+    """The textbook loop with PyTorch limited to one thread (faster at batch 1 on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        textbook(model, batch, length)
+    finally:
+        torch.set_num_threads(before)
+
+
+def naive(model: CharRNN, batch: int, length: int) -> None:
+    """Re-read the whole text at every step."""
+    text = torch.zeros(batch, 1, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(length):
+            logits, _ = model(text)
+            nxt = torch.multinomial(torch.softmax(logits[:, -1], -1), 1)
+            text = torch.cat([text, nxt], 1)
+
+
+PRIME = {}  # the last charnn run's (prime seconds, steps) per batch
+
+
+def charnn_sample(lm: LanguageModel, batch: int, length: int) -> None:
+    run = lm.sampler("\n", num_samples=batch, length=length, random_seed=0, logprobs=False)
+    samples = run.run()
+    assert sum(len(s.text) for s in samples) == batch * length
+    PRIME[batch] = (run.prime_seconds, run.elapsed)
+
+
+def stepper_only(stepper: Stepper, batch: int, steps: int, how: str = "default") -> None:
+    """``default``: ``step_arrays`` as the sampler calls it; ``unsplit``: large batches not split
+    by hidden units, one thread; ``unsplit, all BLAS threads``: the same on a BLAS using every core."""
+    state = stepper.initial_state(batch)
+    ids = np.zeros(batch, dtype=np.intp)
+    parts_for = stepper._parts_for
+    if how != "default":
+        stepper._parts_for = lambda b: 1
+    try:
+        with blas_threads(os.cpu_count() if how == "unsplit, all BLAS threads" else 1):
+            for _ in range(steps):
+                _, state = stepper.step_arrays(ids, state)
+    finally:
+        stepper._parts_for = parts_for
+
+
+def measure(args) -> dict:
+    vocab = Vocabulary(CHARS)
+    model = build_model(len(vocab))
+    lm = LanguageModel(model, vocab)
+    stepper = lm.stepper
+    lengths = {  # characters per sample (per row) for each method and batch
+        ("charnn", 1): args.length, ("charnn", 64): max(args.length // 4, 1),
+        ("charnn stepper", 1): args.length, ("charnn stepper", 64): max(args.length // 4, 1),
+        ("stepper, unsplit", 64): max(args.length // 4, 1),
+        ("stepper, unsplit, all BLAS threads", 1): args.length,
+        ("stepper, unsplit, all BLAS threads", 64): max(args.length // 4, 1),
+        ("textbook", 1): max(args.length // 10, 1), ("textbook", 64): max(args.length // 20, 1),
+        ("textbook, 1 torch thread", 1): max(args.length // 10, 1),
+        ("textbook, 1 torch thread", 64): max(args.length // 20, 1),
+        ("naive", 1): args.naive_length, ("naive", 64): args.naive_length,
+    }
+    runners = {
+        "charnn": lambda b, n: charnn_sample(lm, b, n),
+        "charnn stepper": lambda b, n: stepper_only(stepper, b, n),
+        "stepper, unsplit": lambda b, n: stepper_only(stepper, b, n, "unsplit"),
+        "stepper, unsplit, all BLAS threads": lambda b, n: stepper_only(stepper, b, n, "unsplit, all BLAS threads"),
+        "textbook": lambda b, n: textbook(model, b, n),
+        "textbook, 1 torch thread": lambda b, n: textbook_one_thread(model, b, n),
+        "naive": lambda b, n: naive(model, b, n),
+    }
+    rows = []
+    for batch in (1, 64):
+        for method, run in runners.items():
+            if (method, batch) not in lengths:
+                continue
+            n = lengths[(method, batch)]
+            seconds = best_of(1 if method == "naive" else args.repeats, lambda: run(batch, n))
+            row = {"method": method, "batch": batch, "chars_per_row": n, "seconds": seconds,
+                   "chars_per_sec": batch * n / seconds, "latency_us": seconds / n * 1e6}
+            if method == "charnn":  # the same run without reading the seed (the one-off fused-kernel call)
+                prime, total = PRIME[batch]
+                row["prime_seconds"] = prime
+                row["steady_chars_per_sec"] = batch * n / (total - prime)
+                row["steady_latency_us"] = (total - prime) / n * 1e6
+            rows.append(row)
+    by = {(r["method"], r["batch"]): r for r in rows}
+    fpc = flops_per_char(model.config)
+    return {
+        "model": "2x256 LSTM, embedding 64, vocabulary 65 (random weights)",
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": np.__version__},
+        "repeats": args.repeats, "naive_length": args.naive_length,
+        "results": rows,
+        "speedup_vs_textbook": {b: by[("charnn", b)]["chars_per_sec"] / by[("textbook", b)]["chars_per_sec"] for b in (1, 64)},
+        "speedup_vs_textbook_one_thread": {
+            b: by[("charnn", b)]["chars_per_sec"] / by[("textbook, 1 torch thread", b)]["chars_per_sec"] for b in (1, 64)},
+        "speedup_vs_naive": {b: by[("charnn", b)]["chars_per_sec"] / by[("naive", b)]["chars_per_sec"] for b in (1, 64)},
+        "flops_per_char": fpc,
+        "gflops_at_batch_64": by[("charnn", 64)]["chars_per_sec"] * fpc / 1e9,
+        "targets": {"batch1_speedup_at_least": 25, "batch64_chars_per_sec_at_least": 40000},
+    }
+
+
+def print_table(report: dict) -> None:
+    print(f"{report['model']}; {report['machine']['cpus']} CPUs, torch {report['machine']['torch']} "
+          f"({report['machine']['torch_threads']} threads); best of {report['repeats']}")
+    print(f"{'method':<36}{'batch':>6}{'chars/row':>10}{'chars/s':>12}{'latency/char':>16}")
+    for r in report["results"]:
+        lat = f"{r['latency_us']:,.1f} us" if r["latency_us"] < 10_000 else f"{r['latency_us'] / 1000:,.2f} ms"
+        print(f"{r['method']:<36}{r['batch']:>6}{r['chars_per_row']:>10}{r['chars_per_sec']:>12,.0f}{lat:>16}")
+    for r in report["results"]:
+        if r["method"] == "charnn":
+            print(f"charnn at batch {r['batch']} after reading the seed ({r['prime_seconds'] * 1e3:.1f} ms): "
+                  f"{r['steady_chars_per_sec']:,.0f} chars/s, {r['steady_latency_us']:,.1f} us per character")
+    s, n = report["speedup_vs_textbook"], report["speedup_vs_naive"]
+    s1 = report["speedup_vs_textbook_one_thread"]
+    print(f"charnn vs textbook: {s[1]:.1f}x at batch 1, {s[64]:.1f}x at batch 64 "
+          f"(vs the 1-thread textbook: {s1[1]:.1f}x / {s1[64]:.1f}x); "
+          f"vs naive ({report['naive_length']} chars): {n[1]:.0f}x / {n[64]:.0f}x")
+    print(f"batch 64: {report['gflops_at_batch_64']:.0f} GFLOP/s ({report['flops_per_char'] / 1e6:.2f} MFLOP per character)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--length", type=int, default=4000, help="characters per sample for charnn at batch 1")
+    parser.add_argument("--naive-length", type=int, default=150, help="characters the naive loop generates")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    report = measure(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_table(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""``charnn classify train|predict|eval``: text classification with the character encoder."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import CharnnError
+from . import CharnnGroup, main
+from .train import parse_duration
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@main.group("classify", cls=CharnnGroup)
+def classify():
+    """Classify whole texts with a character RNN (from scratch or fine-tuned from a language model).
+
+    \b
+    Examples:
+      charnn classify train reviews.csv --text-col review --label-col stars
+      charnn classify train names.tsv --init-from checkpoints/names-lm --max-epochs 10
+      charnn classify predict checkpoints/reviews-classify-... "great value" "broke in a week"
+      charnn classify eval checkpoints/reviews-classify-... test.csv --plot confusion.png
+    """
+
+
+_DATA_OPTIONS = [
+    click.option("--text-col", default="text", show_default=True, help="Column (CSV/TSV header, JSONL key) holding the text."),
+    click.option("--label-col", default="label", show_default=True, help="Column holding the label."),
+    click.option("--label-sep", default="|", show_default=True, help="With --multi-label: separator of several labels in one CSV/TSV field."),
+    click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the data files."),
+]
+
+
+def _data_options(f):
+    for option in reversed(_DATA_OPTIONS):
+        f = option(f)
+    return f
+
+
+@classify.command("train")
+@click.argument("data", required=False, type=click.Path())
+@_data_options
+@click.option("--val", "val_data", type=click.Path(), help="Validation data (same format); default: a stratified split of DATA.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Stratified fraction of DATA that validates (without --val).")
+@click.option("--multi-label", is_flag=True, help="Texts may have several labels (sigmoid outputs, threshold 0.5).")
+@click.option("--init-from", type=click.Path(), help="Start the encoder from this language model (charnn train run); its vocabulary too.")
+@click.option("--freeze-encoder", is_flag=True, help="Train the head only (a linear probe of the language model's features).")
+@click.option("--gradual-unfreeze/--no-gradual-unfreeze", default=None, help="Unfreeze one layer per epoch from the top.  [default: on with --init-from]")
+@click.option("--layer-lr-decay", type=float, help="Each layer down learns this many times slower.  [default: 2.6 with --init-from, else 1]")
+@click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell (from scratch).")
+@click.option("--layers", type=int, default=1, show_default=True, help="Stacked recurrent layers (from scratch).")
+@click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units per layer (from scratch).")
+@click.option("--embed-dim", type=int, default=64, show_default=True, help="Character embedding size, 0: one-hot (from scratch).")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="Dropout between recurrent layers (from scratch).")
+@click.option("--embed-dropout", type=float, default=0.0, show_default=True, help="Dropout on the embeddings (from scratch).")
+@click.option("--bidirectional", is_flag=True, help="Read texts in both directions (from scratch only).")
+@click.option("--min-char-count", type=int, default=1, show_default=True, help="Rarer characters map to the unknown symbol (from scratch).")
+@click.option("--pooling", type=click.Choice(["last", "mean", "max", "concat"]), default="concat", show_default=True,
+              help="Pool the recurrent outputs over time; concat = last + mean + max.")
+@click.option("--head-dropout", type=float, default=0.2, show_default=True, help="Dropout before the linear head.")
+@click.option("--balance", is_flag=True, help="Weight classes by inverse frequency (helps macro-F1 on imbalanced data).")
+@click.option("--max-chars", type=int, default=1000, show_default=True, help="Truncate longer texts to this many characters; 0: never.")
+@click.option("--truncation", type=click.Choice(["head", "tail", "both"]), default="head", show_default=True,
+              help="Which part of a text longer than --max-chars is kept: its head, its tail, or half of each.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Texts per step.")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Learning rate of the head (and of every layer without --layer-lr-decay).")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), default="adam", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
+@click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear learning-rate warmup.")
+@click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine", show_default=True)
+@click.option("--max-epochs", type=float, help="Stop after this many passes over the training texts.  [default: 30]")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--time", "time_text", help="Wall-clock budget, e.g. 90s, 10m, 2h.")
+@click.option("--eval-every", type=int, help="Validate every N steps (and at each epoch end).")
+@click.option("--patience", type=int, default=5, show_default=True, help="Early stopping: evaluations without a better macro-F1; 0 disables.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Random seed (split, initialisation, batch order).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--out", type=click.Path(), help="Run directory.  [default: checkpoints/DATA-classify-TIME]")
+@click.option("--resume", type=click.Path(), help="Continue the run in this directory exactly where it stopped.")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_text, max_chars, patience, resume, quiet,
+              as_json, **opts):
+    """Train a classifier on DATA: CSV, TSV or JSONL (columns by name), or a folder of per-label subfolders.
+
+    Keeps the model with the best validation macro-F1 in RUN/best and a
+    resumable RUN/last; Ctrl-C saves and tells how to resume.
+    """
+    from ..classify import ClassifierInterrupted, ClassifierTrainer, ClassifyConfig
+
+    opts.update(time_budget=parse_duration(time_text), max_chars=max_chars or None, patience=patience or None,
+                quiet=quiet)
+    log = (lambda m: None) if quiet else _echo
+    if resume:
+        if data:
+            raise CharnnError("--resume continues a run on its own data; drop the DATA argument")
+        overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet")}
+        trainer = ClassifierTrainer.resume(resume, overrides)
+        log(f"resuming {trainer.run_dir} at step {trainer.step}")
+    else:
+        if opts["max_epochs"] is None:
+            del opts["max_epochs"]  # the default; on --resume, None keeps the run's own
+        if not data:
+            raise CharnnError("no data given; pass a CSV/TSV/JSONL file or a folder, e.g. charnn classify train data.csv")
+        trainer = ClassifierTrainer.from_files(ClassifyConfig(**opts), data, val_data, text_col=text_col,
+                                               label_col=label_col, label_sep=label_sep, encoding=encoding)
+    log(trainer.describe())
+    try:
+        result = trainer.fit()
+    except ClassifierInterrupted as e:
+        _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.run_dir}/last")
+        _echo(f"resume with: charnn classify train --resume {e.run_dir}")
+        sys.exit(e.exit_code)
+    if result.stop_reason == "diverged":
+        raise CharnnError(f"training diverged (loss is not finite) at step {result.steps}; lower --lr or keep --grad-clip on")
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    best = f"{result.best_val_f1:.4f} (accuracy {result.best_val_accuracy:.4f})" if result.best_val_f1 is not None else "n/a"
+    log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, {result.elapsed:.1f} s, "
+        f"best validation macro-F1 {best}")
+    log(f"model saved in {result.run_dir}; evaluate with: charnn classify eval {result.run_dir} TEST_DATA")
+
+
+def _read_inputs(texts: tuple[str, ...], file: str | None, encoding: str) -> list[str]:
+    """Texts from the arguments, then the lines of --file; stdin lines when neither is given."""
+    from ..data import read_text
+    from pathlib import Path
+
+    items = list(texts)
+    if file:
+        lines = read_text(Path(file), encoding).splitlines() if file != "-" else sys.stdin.read().splitlines()
+        items += [line for line in lines if line.strip()]
+    elif not items:
+        if sys.stdin.isatty():
+            _echo("reading texts from standard input, one per line (Ctrl-D to end)")
+        items = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not items:
+        raise CharnnError("no texts to classify; pass them as arguments, with --file, or one per line on standard input")
+    return items
+
+
+@classify.command("predict")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("texts", nargs=-1)
+@click.option("--file", "-f", "file", type=click.Path(), help="Classify each non-blank line of this file ('-': stdin).")
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--top", type=int, default=1, show_default=True, help="Show the K most probable labels.")
+@click.option("--last", is_flag=True, help="Use the run's last model rather than its best.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every prediction and all probabilities.")
+def predict_cmd(checkpoint, texts, file, encoding, top, last, device, as_json):
+    """Label TEXTS (or --file lines, or stdin lines) with a trained classifier.
+
+    Text output: one line per text, LABEL<TAB>PROBABILITY[<TAB>...]<TAB>TEXT
+    (multi-label: the predicted labels joined by |, then each one's probability).
+    """
+    from ..classify import TextClassifier
+
+    if top < 1:
+        raise CharnnError(f"--top must be at least 1, got {top}")
+    clf = TextClassifier.load(checkpoint, which="last" if last else "best", device=device)
+    items = _read_inputs(texts, file, encoding)
+    proba = clf.predict_proba(items)
+    classes = [c.item() if hasattr(c, "item") else c for c in clf.classes_]
+    multi = clf._multi_label()
+    rows = []
+    for text, p in zip(items, proba):
+        if multi:
+            chosen = [i for i in range(len(classes)) if p[i] >= 0.5]
+            label = [classes[i] for i in chosen]
+        else:
+            chosen = [int(p.argmax())]
+            label = classes[chosen[0]]
+        rows.append({"text": text, "label": label, "probability": [float(p[i]) for i in chosen] if multi else float(p[chosen[0]]),
+                     "probabilities": {str(c): float(v) for c, v in zip(classes, p)}})
+    if as_json:
+        click.echo(json.dumps({"checkpoint": str(clf.run_dir_), "multi_label": multi, "predictions": rows}, ensure_ascii=False))
+        return
+    for row, p in zip(rows, proba):
+        order = p.argsort()[::-1][:top]
+        if multi:
+            head = "|".join(map(str, row["label"])) or "-"
+        else:
+            head = str(row["label"])
+        scores = "\t".join(f"{classes[i]}:{p[i]:.3f}" if (top > 1 or multi) else f"{p[i]:.3f}" for i in order)
+        click.echo(f"{head}\t{scores}\t{row['text']}")
+
+
+@classify.command("eval")
+@click.argument("checkpoint", type=click.Path())
+@click.argument("data", type=click.Path())
+@click.option("--text-col", help="Column holding the text.  [default: the one the model was trained with, else text]")
+@click.option("--label-col", help="Column holding the label.  [default: the one the model was trained with, else label]")
+@click.option("--label-sep", help="Multi-label separator.  [default: the training one, else |]")
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--last", is_flag=True, help="Use the run's last model rather than its best.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(), help="Also write the confusion matrix as a PNG (needs the 'plot' extra).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(checkpoint, data, text_col, label_col, label_sep, encoding, last, device, plot_path, as_json):
+    """Accuracy, macro-F1, per-class precision/recall and the confusion matrix on labelled DATA."""
+    from ..classify import TextClassifier, format_report, plot_confusion_matrix, read_labelled
+
+    clf = TextClassifier.load(checkpoint, which="last" if last else "best", device=device)
+    trained = clf.checkpoint_config_.get("data") or {}
+    labelled = read_labelled(data, text_col=text_col or trained.get("text_col", "text"),
+                             label_col=label_col or trained.get("label_col", "label"),
+                             label_sep=label_sep or trained.get("label_sep", "|"),
+                             multi_label=clf._multi_label(), encoding=encoding)
+    report = clf.evaluate(labelled.texts, labelled.labels)
+    report = {"checkpoint": str(clf.run_dir_), "data": str(data), **report}
+    if plot_path:
+        report["plot"] = str(plot_confusion_matrix(report, plot_path))
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    click.echo(f"{clf.run_dir_} on {data}")
+    click.echo(format_report(report))
+    if plot_path:
+        _echo(f"wrote {report['plot']}")

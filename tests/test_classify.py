@@ -1,0 +1,485 @@
+"""Tests for charnn.classify and `charnn classify`: learning, transfer, round trips, resume, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charnn.classify import (
+    ClassifierInterrupted,
+    ClassifierNet,
+    ClassifierTrainer,
+    ClassifyConfig,
+    NotFittedError,
+    TextClassifier,
+    classification_report,
+    collate,
+    encode_labels,
+    read_labelled,
+    stratified_split,
+    truncate,
+)
+from charnn.cli import main
+from charnn.errors import CharnnError
+from charnn.lm import load_language_model
+from charnn.model import ModelConfig
+
+# Small and quick: a 1x32 LSTM learns the order task in a few seconds.
+FAST = dict(hidden=32, embed_dim=16, lr=1e-2, batch_size=16, max_epochs=8, patience=3, device="cpu")
+
+
+def order_task(n_pairs: int, seed: int) -> tuple[list[str], list[str]]:
+    """Texts holding one 'x' and one 'y' among a-c letters; the label says which comes first.
+
+    Every text's mirror (x and y swapped in place) is in the data with the other
+    label, so both classes have exactly the same bags of characters: only the
+    order of the characters tells them apart.
+    """
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n_pairs):
+        body = [rng.choice("abc") for _ in range(rng.randint(4, 10))]
+        i, j = sorted(rng.sample(range(len(body) + 2), 2))
+        for first, second, label in (("x", "y", "xy"), ("y", "x", "yx")):
+            chars = body[:]
+            chars.insert(i, first)
+            chars.insert(j, second)
+            texts.append("".join(chars))
+            labels.append(label)
+    return texts, labels
+
+
+def write_tsv(path: Path, texts, labels, header=("text", "label")) -> Path:
+    lines = ["\t".join(header)] + [f"{t}\t{l}" for t, l in zip(texts, labels)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def order_data():
+    return order_task(300, 0), order_task(100, 1)
+
+
+@pytest.fixture(scope="module")
+def order_clf(order_data):
+    (texts, labels), _ = order_data
+    torch.manual_seed(0)
+    return TextClassifier(**FAST).fit(texts, labels)
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, order_data):
+    """A run trained through the CLI on TSV files, plus the test file."""
+    (texts, labels), (test_texts, test_labels) = order_data
+    root = tmp_path_factory.mktemp("cls")
+    train = write_tsv(root / "train.tsv", texts, labels)
+    test = write_tsv(root / "test.tsv", test_texts, test_labels)
+    run = root / "run"
+    args = ["classify", "train", str(train), "--out", str(run), "--hidden", "32", "--embed-dim", "16", "--lr", "0.01",
+            "--batch-size", "16", "--max-epochs", "8", "--patience", "3", "--device", "cpu", "--quiet", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return run, test, json.loads(result.output)
+
+
+# -- learning --------------------------------------------------------------------------------------------
+def test_order_task_needs_order_not_a_bag_of_characters(order_data):
+    (texts, labels), _ = order_data
+    bags = {}
+    for t, label in zip(texts, labels):
+        bags.setdefault("".join(sorted(t)), []).append(label)
+    assert all(sorted(v).count("xy") == sorted(v).count("yx") for v in bags.values())
+
+
+def test_learns_character_order_to_near_perfect_accuracy(order_clf, order_data):
+    _, (test_texts, test_labels) = order_data
+    assert order_clf.score(test_texts, test_labels) >= 0.97
+    assert list(order_clf.classes_) == ["xy", "yx"]
+    proba = order_clf.predict_proba(test_texts[:5])
+    assert proba.shape == (5, 2) and np.allclose(proba.sum(1), 1.0, atol=1e-5)
+
+
+def test_bidirectional_and_pooling_options_learn(order_data):
+    (texts, labels), (test_texts, test_labels) = order_data
+    clf = TextClassifier(**{**FAST, "bidirectional": True, "pooling": "max", "cell": "gru"}).fit(texts, labels)
+    assert clf.score(test_texts, test_labels) >= 0.95
+
+
+def test_multi_label(tmp_path):
+    rng = random.Random(3)
+    texts, labels = [], []
+    for _ in range(400):
+        t = "".join(rng.choice("abcdxy") for _ in range(rng.randint(3, 9)))
+        texts.append(t)
+        labels.append(tuple(name for name, ch in (("has-x", "x"), ("has-y", "y")) if ch in t))
+    clf = TextClassifier(**{**FAST, "multi_label": True, "pooling": "max", "balance": True}).fit(texts[:300], labels[:300])
+    pred = clf.predict(texts[300:])
+    assert pred.shape == (100, 2) and set(np.unique(pred)) <= {0, 1}
+    assert list(clf.classes_) == ["has-x", "has-y"]
+    report = clf.evaluate(texts[300:], labels[300:])
+    assert report["multi_label"] and "confusion_matrix" not in report
+    assert report["macro_f1"] >= 0.9
+    assert clf.labels_of(pred[:3]) == [tuple(l) for l in labels[300:303]] or report["accuracy"] < 1
+
+
+# -- padding and packing -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "concat"])
+def test_padding_never_changes_a_texts_features(bidirectional, pooling):
+    torch.manual_seed(0)
+    net = ClassifierNet(ModelConfig(vocab_size=10, layers=2, hidden=8, embed_dim=4), 3, pooling, bidirectional).eval()
+    rng = np.random.default_rng(0)
+    encoded = [rng.integers(1, 10, size=n) for n in (3, 11, 7, 1)]
+    alone = [net(*collate(encoded, np.array([i]))) for i in range(len(encoded))]
+    modes = ["packed", "padded"] if not bidirectional else ["packed"]
+    for mode in modes:
+        net.packing = mode
+        batched = net(*collate(encoded, np.arange(len(encoded))))
+        for i in range(len(encoded)):
+            assert torch.allclose(batched[i], alone[i][0], atol=1e-5), (mode, i)
+
+
+# -- transfer from a language model ---------------------------------------------------------------------------
+def lm_params(lm) -> dict[str, torch.Tensor]:
+    return {**{f"embed.{k}": v for k, v in lm.embed.state_dict().items()},
+            **{f"rnn.{k}": v for k, v in lm.rnn.state_dict().items()}}
+
+
+def test_init_from_loads_encoder_weights_and_vocabulary_exactly(tiny_run, order_data, tmp_path):
+    (texts, labels), _ = order_data
+    lm, lm_ckpt = load_language_model(tiny_run)
+    cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "freeze_encoder": True, "max_epochs": 2,
+                            "out": str(tmp_path / "run")})
+    trainer = ClassifierTrainer(cfg, texts[:120], labels[:120])
+    assert trainer.vocab == lm_ckpt.vocab
+    assert trainer.encoder_config == lm.config
+    net_params = trainer.net.state_dict()
+    for name, value in lm_params(lm).items():
+        assert torch.equal(net_params[name], value), name
+    head_before = trainer.net.head.weight.detach().clone()
+    trainer.fit()
+    # a linear probe trains the head only: the encoder is still the language model's, in the checkpoint too
+    saved = TextClassifier.load(tmp_path / "run").net_.state_dict()
+    for name, value in lm_params(lm).items():
+        assert torch.equal(saved[name], value), name
+    assert not torch.equal(saved["head.weight"], head_before)
+
+
+def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_data):
+    (texts, labels), _ = order_data
+    lm, _ = load_language_model(tiny_run)
+    cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "max_epochs": 1, "val_fraction": 0.0})
+    trainer = ClassifierTrainer(cfg, texts[:64], labels[:64])
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 1 + lm.config.layers + 1  # head, each recurrent layer, embedding
+    assert [g["base_lr"] for g in groups] == pytest.approx([cfg.lr / 2.6 ** i for i in range(len(groups))])
+    assert trainer.trainable_groups() == 1
+    trainer.fit()  # epoch 0: only the head learns
+    for name, value in lm_params(lm).items():
+        assert torch.equal(trainer.net.state_dict()[name], value), name
+    trainer.epoch = 1
+    assert trainer.trainable_groups() == 2
+    trainer.epoch = 10
+    assert trainer.trainable_groups() == len(groups)
+
+
+def test_fine_tuning_refuses_bidirectional(tiny_run):
+    with pytest.raises(CharnnError, match="bidirectional"):
+        ClassifyConfig(init_from=str(tiny_run), bidirectional=True).validate()
+
+
+def test_init_from_a_classifier_is_refused(cli_run, order_data):
+    run, _, _ = cli_run
+    (texts, labels), _ = order_data
+    with pytest.raises(CharnnError, match="not a language model"):
+        ClassifierTrainer(ClassifyConfig(**{**FAST, "init_from": str(run)}), texts[:20], labels[:20])
+
+
+# -- checkpoints, CLI round trip ---------------------------------------------------------------------------------
+def test_predict_and_eval_round_trip_through_a_checkpoint(cli_run, order_data):
+    run, test_file, train_result = cli_run
+    _, (test_texts, test_labels) = order_data
+    assert (run / "best" / "model.safetensors").is_file() and (run / "last" / "train_state.json").is_file()
+    assert (run / "metrics.jsonl").is_file()
+    assert train_result["best_val_f1"] >= 0.9
+    clf = TextClassifier.load(run)
+    api_proba = clf.predict_proba(test_texts[:4])
+    runner = CliRunner()
+    out = runner.invoke(main, ["classify", "predict", str(run), *test_texts[:4], "--json"])
+    assert out.exit_code == 0, out.output
+    preds = json.loads(out.output)["predictions"]
+    assert [p["label"] for p in preds] == list(clf.predict(test_texts[:4]))
+    for p, row in zip(preds, api_proba):
+        assert [p["probabilities"][c] for c in clf.classes_] == pytest.approx(row.tolist(), abs=1e-6)
+    text_out = runner.invoke(main, ["classify", "predict", str(run)], input="\n".join(test_texts[:3]) + "\n")
+    assert text_out.exit_code == 0, text_out.output
+    lines = text_out.output.strip().splitlines()
+    assert [l.split("\t")[0] for l in lines] == list(clf.predict(test_texts[:3]))
+    assert [l.split("\t")[-1] for l in lines] == test_texts[:3]
+    ev = runner.invoke(main, ["classify", "eval", str(run), str(test_file), "--json"])
+    assert ev.exit_code == 0, ev.output
+    report = json.loads(ev.output)
+    assert report["accuracy"] == pytest.approx(clf.score(test_texts, test_labels))
+    assert report["accuracy"] >= 0.95 and report["macro_f1"] >= 0.95
+    assert sum(map(sum, report["confusion_matrix"])) == len(test_texts)
+    assert {r["label"] for r in report["per_class"]} == {"xy", "yx"}
+    table = runner.invoke(main, ["classify", "eval", str(run), str(test_file)])
+    assert table.exit_code == 0 and "confusion matrix" in table.output and "macro-F1" in table.output
+
+
+def test_save_and_load_give_identical_predictions(order_clf, order_data, tmp_path):
+    _, (test_texts, _) = order_data
+    order_clf.save(tmp_path / "model")
+    loaded = TextClassifier.load(tmp_path / "model")
+    assert np.array_equal(loaded.predict_proba(test_texts), order_clf.predict_proba(test_texts))
+    assert loaded.get_params()["hidden"] == 32
+
+
+def test_eval_writes_a_confusion_matrix_png(cli_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    run, test_file, _ = cli_run
+    png = tmp_path / "cm.png"
+    out = CliRunner().invoke(main, ["classify", "eval", str(run), str(test_file), "--plot", str(png)])
+    assert out.exit_code == 0, out.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupt_then_resume_matches_an_uninterrupted_run(order_data, tmp_path):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "train.tsv", texts[:200], labels[:200])
+    cfg = dict(FAST, max_epochs=3, patience=None, head_dropout=0.3, embed_dropout=0.1)
+    full = ClassifierTrainer.from_files(ClassifyConfig(**cfg, out=str(tmp_path / "full")), data)
+    full.fit()
+
+    def interrupt(record):
+        if record.get("step") == 17 and "train_loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = ClassifierTrainer.from_files(ClassifyConfig(**{**cfg, "log_every": 1}, out=str(tmp_path / "cut")), data,
+                                       on_log=interrupt)
+    with pytest.raises(ClassifierInterrupted, match="charnn classify train --resume"):
+        cut.fit()
+    assert cut.step == 17
+    out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "cut"), "--quiet", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["steps"] == full.step
+    a = TextClassifier.load(tmp_path / "full", which="last").net_.state_dict()
+    b = TextClassifier.load(tmp_path / "cut", which="last").net_.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_refuses_changed_data(order_data, tmp_path):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "train.tsv", texts[:100], labels[:100])
+    ClassifierTrainer.from_files(ClassifyConfig(**{**FAST, "max_epochs": 1}, out=str(tmp_path / "run")), data).fit()
+    write_tsv(data, texts[100:200], labels[100:200])
+    with pytest.raises(CharnnError, match="data changed"):
+        ClassifierTrainer.resume(tmp_path / "run", {"max_epochs": 2})
+
+
+# -- reading data ---------------------------------------------------------------------------------------------------
+def test_reads_csv_tsv_jsonl_and_folders(tmp_path):
+    (tmp_path / "d.csv").write_text('label,review\npos,"good, really"\nneg,"bad\nand worse"\n', encoding="utf-8")
+    csv_data = read_labelled(tmp_path / "d.csv", text_col="review")
+    assert csv_data.texts == ["good, really", "bad\nand worse"] and csv_data.labels == ["pos", "neg"]
+    (tmp_path / "d.tsv").write_text('label\ttext\nham\t"quoted" at the start\nspam\twin\n', encoding="utf-8")
+    assert read_labelled(tmp_path / "d.tsv").texts == ['"quoted" at the start', "win"]
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": ["x", "y"]}\n')
+    multi = read_labelled(tmp_path / "d.jsonl", multi_label=True)
+    assert multi.labels == [("x",), ("x", "y")]
+    for label, names in (("cats", ["1.txt", "2.txt"]), ("dogs", ["a.txt"])):
+        (tmp_path / "folders" / label).mkdir(parents=True)
+        for n in names:
+            (tmp_path / "folders" / label / n).write_text(f"{label} {n}", encoding="utf-8")
+    folders = read_labelled(tmp_path / "folders")
+    assert folders.labels == ["cats", "cats", "dogs"] and folders.texts[2] == "dogs a.txt"
+
+
+def test_reads_the_shared_datasets():
+    from conftest import shared_file
+
+    names = read_labelled(shared_file("datasets/names.tsv"))
+    assert len(names.texts) == 19950 and len(set(names.labels)) == 20
+    sms = read_labelled(shared_file("datasets/sms_spam.tsv"))
+    assert len(sms.texts) == 5574 and set(sms.labels) == {"ham", "spam"}
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ("name\tlabel\nAbe\tx\n", ".tsv", r"no column 'text' \(columns: name, label\).*--text-col"),
+    ("text\tcategory\nAbe\tx\n", ".tsv", r"no column 'label'.*--label-col"),
+    ("text\tlabel\nAbe\tx\n \ty\n", ".tsv", r"line 3: the text is empty"),
+    ("text\tlabel\nAbe\t\n", ".tsv", r"line 2: the label is empty"),
+    ("text\tlabel\n", ".tsv", r"holds no examples"),
+    ("", ".csv", r"empty or has no header"),
+    ('{"text": "a", "label": "x"}\nnot json\n', ".jsonl", r"line 2 is not valid JSON"),
+    ("text,label\na,b\n", ".xlsx", r"cannot tell the format"),
+])
+def test_malformed_files_give_clear_errors(tmp_path, content, suffix, message):
+    path = tmp_path / f"data{suffix}"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(CharnnError, match=message):
+        read_labelled(path)
+
+
+def test_cli_reports_bad_data_in_one_line(tmp_path):
+    path = write_tsv(tmp_path / "bad.tsv", ["a", "b"], ["x", "y"], header=("name", "label"))
+    out = CliRunner().invoke(main, ["classify", "train", str(path), "--out", str(tmp_path / "r")])
+    assert out.exit_code == 2
+    assert out.output.startswith("error: ") and "--text-col" in out.output and "Traceback" not in out.output
+
+
+def test_a_single_class_is_refused(tmp_path):
+    with pytest.raises(CharnnError, match="single class .'only'.*at least two"):
+        TextClassifier(**FAST).fit(["abc", "abd", "abe"], ["only"] * 3)
+
+
+def test_empty_texts_are_refused():
+    with pytest.raises(CharnnError, match="text 1 is empty"):
+        TextClassifier(**FAST).fit(["abc", ""], ["a", "b"])
+
+
+def test_labels_unseen_in_training_are_refused_at_eval(cli_run, order_data, tmp_path):
+    run, _, _ = cli_run
+    (texts, labels), _ = order_data
+    bad = write_tsv(tmp_path / "eval.tsv", texts[:4], ["xy", "zz", "yx", "ww"])
+    out = CliRunner().invoke(main, ["classify", "eval", str(run), str(bad)])
+    assert out.exit_code == 2
+    assert "not trained on: 'ww', 'zz'" in out.output and "Traceback" not in out.output
+
+
+def test_validation_labels_unseen_in_training_are_refused(order_data):
+    (texts, labels), _ = order_data
+    with pytest.raises(CharnnError, match="not trained on: 'new'"):
+        TextClassifier(**FAST).fit(texts[:20], labels[:20], val_texts=["xy"], val_labels=["new"])
+
+
+def test_predict_refuses_a_language_model_checkpoint(tiny_run):
+    out = CliRunner().invoke(main, ["classify", "predict", str(tiny_run), "text"])
+    assert out.exit_code == 2 and "not a classifier" in out.output
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def test_stratified_split_keeps_every_class_on_both_sides():
+    labels = ["a"] * 50 + ["b"] * 10 + ["c"] * 2 + ["d"]
+    train, val = stratified_split(labels, 0.2, seed=7)
+    assert len(set(train) | set(val)) == len(labels) and not set(train) & set(val)
+    got = {k: sum(labels[i] == k for i in val) for k in "abcd"}
+    assert got == {"a": 10, "b": 2, "c": 1, "d": 0}
+    assert np.array_equal(stratified_split(labels, 0.2, seed=7)[1], val)
+    assert not np.array_equal(stratified_split(labels, 0.2, seed=8)[1], val)
+
+
+def test_truncation_keeps_head_tail_or_both():
+    assert truncate("abcdefgh", 4, "head") == "abcd"
+    assert truncate("abcdefgh", 4, "tail") == "efgh"
+    assert truncate("abcdefgh", 5, "both") == "abcgh"
+    assert truncate("abc", 4, "both") == "abc" and truncate("abcdef", None) == "abcdef"
+
+
+def test_report_matches_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    y_pred[y_pred == 3] = 2  # class 3 is never predicted
+    rep = classification_report(y_true, y_pred, ["a", "b", "c", "d"])
+    assert rep["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    assert rep["macro_f1"] == pytest.approx(metrics.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    p, r, _, _ = metrics.precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    assert [c["precision"] for c in rep["per_class"]] == pytest.approx(p.tolist())
+    assert [c["recall"] for c in rep["per_class"]] == pytest.approx(r.tolist())
+    assert rep["confusion_matrix"] == metrics.confusion_matrix(y_true, y_pred).tolist()
+    yt, yp = rng.integers(0, 2, (50, 3)), rng.integers(0, 2, (50, 3))
+    multi = classification_report(yt, yp, ["x", "y", "z"])
+    assert multi["macro_f1"] == pytest.approx(metrics.f1_score(yt, yp, average="macro"))
+    assert multi["accuracy"] == pytest.approx(metrics.accuracy_score(yt, yp))
+
+
+def test_balanced_class_weights(order_data):
+    cfg = ClassifyConfig(**{**FAST, "balance": True, "val_fraction": 0.0})
+    trainer = ClassifierTrainer(cfg, ["ab", "ba", "aa", "bb"], ["p", "p", "p", "q"])
+    assert trainer.loss_weights.tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1)])
+
+
+def test_encode_labels_keeps_label_types():
+    classes, y = encode_labels([3, 1, 3], multi_label=False)
+    assert classes.tolist() == [1, 3] and y.tolist() == [1, 0, 1]
+    classes, y = encode_labels(np.array([[1, 0], [1, 1]]), multi_label=True)
+    assert classes.tolist() == [0, 1] and y.tolist() == [[1, 0], [1, 1]]
+
+
+# -- scikit-learn conventions -----------------------------------------------------------------------------------------
+def test_params_mirror_the_config():
+    assert set(TextClassifier().get_params()) == set(ClassifyConfig().to_dict())
+    assert TextClassifier().config() == ClassifyConfig()
+
+
+def test_scikit_learn_estimator_checks_that_apply():
+    checks = pytest.importorskip("sklearn.utils.estimator_checks")
+    est = TextClassifier(**FAST)
+    for name in ("check_estimator_cloneable", "check_estimator_repr", "check_no_attributes_set_in_init",
+                 "check_get_params_invariance", "check_set_params", "check_parameters_default_constructible",
+                 "check_do_not_raise_errors_in_init_or_set_params", "check_estimators_unfitted",
+                 "check_estimator_tags_renamed", "check_valid_tag_types"):
+        getattr(checks, name)("TextClassifier", est)
+
+
+def test_scikit_learn_tools_work_on_text(order_data):
+    pytest.importorskip("sklearn")
+    from sklearn.base import clone, is_classifier
+    from sklearn.model_selection import cross_val_score
+
+    (texts, labels), _ = order_data
+    est = TextClassifier(**{**FAST, "max_epochs": 2})
+    assert is_classifier(est)
+    twin = clone(est)
+    assert twin.get_params() == est.get_params() and not hasattr(twin, "net_")
+    scores = cross_val_score(est, np.array(texts[:120]), np.array(labels[:120]), cv=2)
+    assert scores.shape == (2,) and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_estimator_behaves_like_a_scikit_learn_classifier(order_clf, order_data):
+    (texts, labels), (test_texts, _) = order_data
+    with pytest.raises(NotFittedError):
+        TextClassifier().predict(["abc"])
+    assert isinstance(NotFittedError("x"), (ValueError, AttributeError))
+    params = TextClassifier(**FAST).get_params()
+    est = TextClassifier(**FAST)
+    assert est.fit(texts[:40], labels[:40]) is est and est.get_params() == params  # fit returns self, params unchanged
+    # deterministic: the same seed gives the same model; the order of texts at predict time does not matter
+    again = TextClassifier(**FAST).fit(texts[:40], labels[:40])
+    assert np.array_equal(again.predict_proba(test_texts), est.predict_proba(test_texts))
+    p = order_clf.predict_proba(test_texts)
+    perm = np.random.default_rng(0).permutation(len(test_texts))
+    assert np.allclose(order_clf.predict_proba([test_texts[i] for i in perm]), p[perm], atol=1e-6)
+    assert np.allclose(order_clf.predict_proba(test_texts[:7]), p[:7], atol=1e-6)
+    with pytest.raises(CharnnError, match="not a string"):
+        order_clf.predict([1.5, 2.0])
+    # bad targets raise ValueError (InvalidInput) with scikit-learn's wording
+    with pytest.raises(ValueError, match="requires y to be passed"):
+        TextClassifier(**FAST).fit(texts[:4], None)
+    with pytest.raises(ValueError, match="Unknown label type"):
+        TextClassifier(**FAST).fit(texts[:4], [0.5, 1.5, 0.25, 2.0])
+    with pytest.raises(ValueError, match="single class"):
+        TextClassifier(**FAST).fit(texts[:4], [1, 1, 1, 1])
+
+
+def test_charnn_works_without_scikit_learn():
+    code = ("import sys; sys.modules['sklearn'] = None\n"
+            "import charnn\n"
+            "clf = charnn.TextClassifier(hidden=8, embed_dim=4, max_epochs=1, device='cpu')\n"
+            "clf.fit(['ab', 'ba', 'abb', 'bba', 'aab', 'bab'], ['x', 'y', 'x', 'y', 'x', 'y'])\n"
+            "print(clf.predict(['ab']).tolist(), sorted(clf.get_params())[:2])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "['balance', 'batch_size']" in out.stdout
