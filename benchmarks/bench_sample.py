@@ -11,6 +11,8 @@ what the weights say. Everything is measured in this one invocation:
   on one thread; batches of ``PART_ROWS`` rows or more split by hidden units
   into parts run on parallel threads when that is faster; for comparison,
   unsplit on one thread, and unsplit on a BLAS using every core;
+* ``matrix products only``: just the step's weight products (one thread), the
+  floor for any float32 step: at batch 1 they read 3 MB of weights per step;
 * ``textbook``: per character, ``nn.Embedding`` + ``nn.LSTM`` + ``nn.Linear``
   + ``softmax`` + ``torch.multinomial`` on the same weights, carrying the
   LSTM state (PyTorch's default threads, ``torch.no_grad``); also with
@@ -127,6 +129,23 @@ def stepper_only(stepper: Stepper, batch: int, steps: int, how: str = "default")
         stepper._parts_for = parts_for
 
 
+def products_only(stepper: Stepper, batch: int, steps: int) -> None:
+    """Only the matrix products of ``steps`` steps (layer 0 recurrent, each upper layer, output layer):
+    the weights every step must read, a lower bound for a float32 step."""
+    part = stepper._get_parts(1)[0]
+    h = np.zeros((batch, stepper.hidden), dtype=np.float32)
+    xh = np.ones((batch, part.w_in[1].shape[0]), dtype=np.float32)
+    out = np.ones((batch, stepper.hidden + 1), dtype=np.float32)
+    g = np.empty((batch, part.w_rec[0].shape[1]), dtype=np.float32)
+    logits = np.empty((batch, stepper.vocab_size), dtype=np.float32)
+    with blas_threads(1):
+        for _ in range(steps):
+            np.matmul(h, part.w_rec[0], out=g)
+            for w in part.w_in[1:]:
+                np.matmul(xh, w, out=g)
+            np.matmul(out, stepper._w_out, out=logits)
+
+
 def measure(args) -> dict:
     vocab = Vocabulary(CHARS)
     model = build_model(len(vocab))
@@ -136,6 +155,7 @@ def measure(args) -> dict:
         ("charnn", 1): args.length, ("charnn", 64): max(args.length // 4, 1),
         ("charnn stepper", 1): args.length, ("charnn stepper", 64): max(args.length // 4, 1),
         ("stepper, unsplit", 64): max(args.length // 4, 1),
+        ("matrix products only", 1): args.length, ("matrix products only", 64): max(args.length // 4, 1),
         ("stepper, unsplit, all BLAS threads", 1): args.length,
         ("stepper, unsplit, all BLAS threads", 64): max(args.length // 4, 1),
         ("textbook", 1): max(args.length // 10, 1), ("textbook", 64): max(args.length // 20, 1),
@@ -148,6 +168,7 @@ def measure(args) -> dict:
         "charnn stepper": lambda b, n: stepper_only(stepper, b, n),
         "stepper, unsplit": lambda b, n: stepper_only(stepper, b, n, "unsplit"),
         "stepper, unsplit, all BLAS threads": lambda b, n: stepper_only(stepper, b, n, "unsplit, all BLAS threads"),
+        "matrix products only": lambda b, n: products_only(stepper, b, n),
         "textbook": lambda b, n: textbook(model, b, n),
         "textbook, 1 torch thread": lambda b, n: textbook_one_thread(model, b, n),
         "naive": lambda b, n: naive(model, b, n),

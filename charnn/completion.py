@@ -367,7 +367,7 @@ class Completer:
                 break
             logits, state = self.stepper.step(torch.from_numpy(ids).to(self.device),
                                               self.stepper.select(state, torch.from_numpy(rows).to(self.device)))
-        ranked = sorted(found.items(), key=lambda item: (-item[1][2], item[0]))[:k]
+        ranked = heapq.nsmallest(k, found.items(), key=lambda item: (-item[1][2], item[0]))
         return [Suggestion(text, math.exp(lp), score, done) for text, (lp, done, score) in ranked]
 
     def _bar(self, found: dict, k: int, length: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -134,7 +135,6 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
 def _read_inputs(texts: tuple[str, ...], file: str | None, encoding: str) -> list[str]:
     """Texts from the arguments, then the lines of --file; stdin lines when neither is given."""
     from ..data import read_text
-    from pathlib import Path
 
     items = list(texts)
     if file:
