@@ -25,21 +25,22 @@ The SGD learning rate is a sweep's choice (--sgd-lr-sweep): short runs of
 +orthogonal pick the rate of every SGD row.
 
 For each run it reports the validation bits per character at the budget (the
-whole validation text), the optimizer steps needed to reach 2.5 bpc (checked
+whole validation text); the optimizer steps needed to reach 2.5 bpc (checked
 every --eval-every steps on the first --probe-chars characters of the
-validation text), the training speed in chars/s, and whether the run diverged
-(a non-finite loss, or a final bpc worse than guessing uniformly); and, as a
-figure that machine load cannot move, the probe's bpc after --compare-step
-optimizer steps. The budget
-counts training time only: the periodic probes are timed and left out, so
-frequent probing costs no configuration anything.
+validation text) and the training seconds that took; the probe's bpc after
+--compare-step steps (a figure machine load cannot move); the training speed in
+chars/s; whether the run diverged (a non-finite loss, or a final bpc worse than
+guessing uniformly); whether it blew up at some probe (worse than uniform, even
+if it recovered) and its worst probe bpc. The budget counts training time
+only: the periodic probes are timed and left out, so frequent probing costs no
+configuration anything.
 
 Then a speed section: training-step chars/s of the library kernels (LSTM,
 GRU, RNN) and of charnn's own cell (steep gates, layer norm), measured
 interleaved in one process so machine load affects them alike, as ratios
 against the library LSTM.
 
-    flock /tmp/charnn-bench.lock python benchmarks/tricks.py --budget 180
+    flock /tmp/charnn-bench.lock python benchmarks/tricks.py --budget 180 --sgd-lr-sweep 0.3,1,3,10
     python benchmarks/tricks.py --budget 10 --rows rnn-sgd,+adam --no-speed   # smoke test
 """
 
@@ -146,8 +147,10 @@ def run_one(name: str, settings: dict, seed: int, budget: float, corpus: str, th
         "row": name, "seed": seed, "settings": settings, "val_bpc": round(final, 4) if math.isfinite(final) else None,
         "steps_to_2_5": reached,
         "train_seconds_to_2_5": next((s for _, s, bpc in trainer.probes if bpc <= TARGET_BPC), None),
+        "worst_probe_bpc": max((bpc for _, _, bpc in trainer.probes if math.isfinite(bpc)), default=None),
         "steps": result.steps, "epochs": round(result.epochs, 3), "chars_per_sec": round(result.train_chars_per_sec),
         "diverged": diverged, "stop_reason": result.stop_reason, "probes": trainer.probes,
+        "blew_up": any(not math.isfinite(bpc) or bpc > uniform for _, _, bpc in trainer.probes),
         "parameters": trainer.model.num_parameters(),
     }
 
@@ -285,16 +288,21 @@ def summarize(runs: list[dict], order: list[str], compare_step: int) -> list[dic
         vals = [r["val_bpc"] for r in rs if r["val_bpc"] is not None and not r["diverged"]]
         reached = [r["steps_to_2_5"] for r in rs if r["steps_to_2_5"] is not None]
         at_step = [bpc for r in rs for step, _, bpc in r["probes"] if step == compare_step]
+        seconds = [r["train_seconds_to_2_5"] for r in rs if r["train_seconds_to_2_5"] is not None]
+        worst = [r["worst_probe_bpc"] for r in rs if r["worst_probe_bpc"] is not None]
         lines.append({
             "row": name, "seeds": len(rs),
             "val_bpc": round(statistics.mean(vals), 3) if vals else None,
             "val_bpc_per_seed": [r["val_bpc"] for r in rs],
             "steps_to_2_5": round(statistics.mean(reached)) if reached else None,
+            "seconds_to_2_5": round(statistics.mean(seconds), 1) if seconds else None,
             "reached_2_5": f"{len(reached)}/{len(rs)}",
+            "worst_probe_bpc": round(max(worst), 2) if worst else None,
             "probe_bpc_at_compare_step": round(statistics.mean(at_step), 3) if len(at_step) == len(rs) else None,
             "steps": round(statistics.mean(r["steps"] for r in rs)),
             "chars_per_sec": round(statistics.mean(r["chars_per_sec"] for r in rs)),
             "diverged": f"{sum(r['diverged'] for r in rs)}/{len(rs)}",
+            "blew_up": f"{sum(r.get('blew_up', False) for r in rs)}/{len(rs)}",
         })
     return lines
 
@@ -306,8 +314,8 @@ def print_table(lines: list[dict], rows: list[tuple[str, str, dict]], args) -> N
           f"{args.threads} thread(s) per run, {args.jobs} run(s) at a time; SGD (no momentum): lr {args.sgd_lr:g}, "
           f"irnn lr {args.irnn_lr:g}")
     at = f"bpc@{args.compare_step}"
-    head = (f"{'row':<15} {'adds':<48} {'val bpc':>8} {'steps to 2.5':>13} {at:>9} {'steps':>6} {'chars/s':>8} "
-            f"{'diverged':>8}")
+    head = (f"{'row':<15} {'adds':<48} {'val bpc':>8} {'steps to 2.5':>13} {'s to 2.5':>8} {at:>9} {'worst bpc':>9} "
+            f"{'steps':>6} {'chars/s':>8} {'diverged':>8} {'blew up':>7}")
     print(head)
     print("-" * len(head))
     for ln in lines:
@@ -315,10 +323,12 @@ def print_table(lines: list[dict], rows: list[tuple[str, str, dict]], args) -> N
         reach = str(ln["steps_to_2_5"]) if ln["steps_to_2_5"] is not None else "never"
         if ln["seeds"] > 1:
             reach += f" ({ln['reached_2_5']})"
-        fixed = ln["probe_bpc_at_compare_step"]
+        fixed, worst, secs = ln["probe_bpc_at_compare_step"], ln["worst_probe_bpc"], ln["seconds_to_2_5"]
         fixed = f"{fixed:.3f}" if fixed is not None else "-"
-        print(f"{ln['row']:<15} {adds[ln['row']][:48]:<48} {bpc:>8} {reach:>13} {fixed:>9} {ln['steps']:>6} "
-              f"{ln['chars_per_sec']:>8,} {ln['diverged']:>8}")
+        worst = f"{worst:.2f}" if worst is not None else "-"
+        secs = f"{secs:.0f}" if secs is not None else "-"
+        print(f"{ln['row']:<15} {adds[ln['row']][:48]:<48} {bpc:>8} {reach:>13} {secs:>8} {fixed:>9} {worst:>9} "
+              f"{ln['steps']:>6} {ln['chars_per_sec']:>8,} {ln['diverged']:>8} {ln['blew_up']:>7}")
 
 
 def print_speed(speed: dict) -> None:
@@ -342,7 +352,7 @@ def main(argv=None) -> int:
     p.add_argument("--sgd-lr", type=float, default=SGD["lr"], help="learning rate of the SGD rows")
     p.add_argument("--irnn-lr", type=float, help="learning rate of the irnn row (default: --sgd-lr)")
     p.add_argument("--sgd-lr-sweep", help="comma-separated rates: first pick --sgd-lr by short runs of +orthogonal")
-    p.add_argument("--compare-step", type=int, default=1000, help="report the probe bpc after this many steps")
+    p.add_argument("--compare-step", type=int, default=400, help="report the probe bpc after this many steps")
     p.add_argument("--sweep-budget", type=float, default=30.0, help="training seconds per sweep run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")

@@ -68,7 +68,7 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     scored text); ``max_generate_chars`` bounds a generation's length.
     """
     _require_fastapi()
-    from fastapi import FastAPI, Request  # noqa: PLC0415
+    from fastapi import FastAPI  # noqa: PLC0415
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: PLC0415
     from pydantic import BaseModel, ConfigDict, Field  # noqa: PLC0415
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -172,8 +173,6 @@ def eval_complete_cmd(checkpoint, file, k, mode, max_chars, limit, train_text, n
     """
     from ..completion_eval import DictionaryCompleter, evaluate_completion, training_text
     from ..data import read_text
-
-    from pathlib import Path
 
     completer, ck = _completer(checkpoint, last, device, beam_width=beam_width, length_penalty=length_penalty)
     doc = read_text(Path(file), encoding)[:limit]
