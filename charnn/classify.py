@@ -46,7 +46,8 @@ from .data import read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, ModelConfig, init_recurrent
-from .training import LRSchedule, StopSignals, TrainingInterrupted, _new_run_dir, make_optimizer
+from .training import (LRSchedule, StopSignals, TrainingInterrupted, _new_run_dir, budget_progress, budget_spent,
+                       make_optimizer)
 from .vocab import Vocabulary
 
 KIND = "classifier"
@@ -892,24 +893,10 @@ class ClassifierTrainer:
 
     def progress(self) -> float:
         """Fraction of the budget used: the largest of steps, epochs and time."""
-        cfg, parts = self.cfg, [0.0]
-        if cfg.max_steps:
-            parts.append(self.step / cfg.max_steps)
-        if cfg.max_epochs:
-            parts.append(self._epoch_progress() / cfg.max_epochs)
-        if cfg.time_budget:
-            parts.append(self._elapsed() / cfg.time_budget)
-        return max(parts)
+        return budget_progress(self.cfg, self.step, self._epoch_progress(), self._elapsed())
 
     def _budget_spent(self) -> str | None:
-        cfg = self.cfg
-        if cfg.max_steps and self.step >= cfg.max_steps:
-            return "max-steps"
-        if cfg.max_epochs and self._epoch_progress() >= cfg.max_epochs - 1e-9:
-            return "max-epochs"
-        if cfg.time_budget and self._elapsed() >= cfg.time_budget:
-            return "time"
-        return None
+        return budget_spent(self.cfg, self.step, self._epoch_progress(), self._elapsed())
 
     # -- training -----------------------------------------------------------------------------------------------
     def trainable_groups(self) -> int:

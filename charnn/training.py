@@ -181,6 +181,29 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+def budget_progress(cfg, step: int, epochs: float, elapsed: float) -> float:
+    """Fraction of a budget used (any config with max_steps, max_epochs, time_budget): the largest part."""
+    parts = [0.0]
+    if cfg.max_steps:
+        parts.append(step / cfg.max_steps)
+    if cfg.max_epochs:
+        parts.append(epochs / cfg.max_epochs)
+    if cfg.time_budget:
+        parts.append(elapsed / cfg.time_budget)
+    return max(parts)
+
+
+def budget_spent(cfg, step: int, epochs: float, elapsed: float) -> str | None:
+    """Which limit of the budget is reached, if any: max-steps, max-epochs or time."""
+    if cfg.max_steps and step >= cfg.max_steps:
+        return "max-steps"
+    if cfg.max_epochs and epochs >= cfg.max_epochs - 1e-9:
+        return "max-epochs"
+    if cfg.time_budget and elapsed >= cfg.time_budget:
+        return "time"
+    return None
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adam":
@@ -399,25 +422,10 @@ class Trainer:
 
     def progress(self) -> float:
         """Fraction of the budget used: the largest of steps, epochs and time."""
-        cfg = self.cfg
-        parts = [0.0]
-        if cfg.max_steps:
-            parts.append(self.step / cfg.max_steps)
-        if cfg.max_epochs:
-            parts.append(self._epoch_progress() / cfg.max_epochs)
-        if cfg.time_budget:
-            parts.append(self._elapsed() / cfg.time_budget)
-        return max(parts)
+        return budget_progress(self.cfg, self.step, self._epoch_progress(), self._elapsed())
 
     def _budget_spent(self) -> str | None:
-        cfg = self.cfg
-        if cfg.max_steps and self.step >= cfg.max_steps:
-            return "max-steps"
-        if cfg.max_epochs and self._epoch_progress() >= cfg.max_epochs - 1e-9:
-            return "max-epochs"
-        if cfg.time_budget and self._elapsed() >= cfg.time_budget:
-            return "time"
-        return None
+        return budget_spent(self.cfg, self.step, self._epoch_progress(), self._elapsed())
 
     # -- one step -------------------------------------------------------------------------------------
     def _set_lr(self) -> float:
