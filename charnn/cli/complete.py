@@ -23,7 +23,7 @@ def _completer(checkpoint, last: bool, device: str, **options):
 
 
 def _suggestion_line(s) -> str:
-    return f"{json.dumps(s.text, ensure_ascii=False)}\t{s.probability:.4f}"
+    return f"{json.dumps(s.text, ensure_ascii=False)}\t{s.probability:.4g}"
 
 
 @main.command("complete")
