@@ -497,7 +497,7 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: Seque
     k = len(classes)
     if y_true.ndim == 2:
         t, p = y_true > 0, y_pred > 0
-        tp, fp, fn = (t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0)
+        tp = (t & p).sum(0)
         support, predicted = t.sum(0), p.sum(0)
         accuracy = float((t == p).all(1).mean()) if len(t) else float("nan")
         cm = None
