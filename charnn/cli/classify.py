@@ -10,7 +10,7 @@ import click
 
 from ..errors import CharnnError
 from . import CharnnGroup, main
-from .train import parse_duration
+from .train import fit_or_exit, parse_duration
 
 
 def _echo(msg: str) -> None:
@@ -96,7 +96,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     Keeps the model with the best validation macro-F1 in RUN/best and a
     resumable RUN/last; Ctrl-C saves and tells how to resume.
     """
-    from ..classify import ClassifierInterrupted, ClassifierTrainer, ClassifyConfig
+    from ..classify import ClassifierTrainer, ClassifyConfig
 
     opts.update(time_budget=parse_duration(time_text), max_chars=max_chars or None, patience=patience or None,
                 quiet=quiet)
@@ -115,14 +115,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
         trainer = ClassifierTrainer.from_files(ClassifyConfig(**opts), data, val_data, text_col=text_col,
                                                label_col=label_col, label_sep=label_sep, encoding=encoding)
     log(trainer.describe())
-    try:
-        result = trainer.fit()
-    except ClassifierInterrupted as e:
-        _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.run_dir}/last")
-        _echo(f"resume with: charnn classify train --resume {e.run_dir}")
-        sys.exit(e.exit_code)
-    if result.stop_reason == "diverged":
-        raise CharnnError(f"training diverged (loss is not finite) at step {result.steps}; lower --lr or keep --grad-clip on")
+    result = fit_or_exit(trainer, "charnn classify train")
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

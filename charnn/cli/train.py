@@ -29,6 +29,21 @@ def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def fit_or_exit(trainer, command: str):
+    """``trainer.fit()``; after Ctrl-C/SIGTERM print the checkpoint and the resume command, then exit."""
+    from ..training import TrainingInterrupted
+
+    try:
+        result = trainer.fit()
+    except TrainingInterrupted as e:
+        _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.run_dir}/last")
+        _echo(f"resume with: {command} --resume {e.run_dir}")
+        sys.exit(e.exit_code)
+    if result.stop_reason == "diverged":
+        raise CharnnError(f"training diverged (loss is not finite) at step {result.steps}; lower --lr or keep --grad-clip on")
+    return result
+
+
 @main.command("train")
 @click.argument("corpus", nargs=-1, type=click.Path())
 @click.option("--glob", default="**/*", show_default=True, help="Files to read inside directories.")
@@ -83,7 +98,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, **opts
       charnn train notes/ --glob '*.md' --preset medium
       charnn train --resume checkpoints/input-20260101-120000
     """
-    from ..training import Trainer, TrainConfig, TrainingInterrupted
+    from ..training import Trainer, TrainConfig
 
     opts.update(init=init_scheme, compile=use_compile, time_budget=parse_duration(time_text), quiet=quiet)
     if opts["patience"] == 0:
@@ -100,14 +115,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, **opts
             raise CharnnError("no corpus given; pass text files or directories, e.g. charnn train input.txt")
         trainer = Trainer(TrainConfig(corpus=list(corpus), **opts))
     log(trainer.describe())
-    try:
-        result = trainer.fit()
-    except TrainingInterrupted as e:
-        _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.run_dir}/last")
-        _echo(f"resume with: charnn train --resume {e.run_dir}")
-        sys.exit(e.exit_code)
-    if result.stop_reason == "diverged":
-        raise CharnnError(f"training diverged (loss is not finite) at step {result.steps}; lower --lr or keep --grad-clip on")
+    result = fit_or_exit(trainer, "charnn train")
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "n/a"
     log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, "
         f"{result.train_chars_per_sec:,.0f} chars/s, best val bpc {best}")
