@@ -20,6 +20,7 @@ at a time, cumulatively:
     irnn            ReLU RNN with identity init (IRNN), SGD (--irnn-lr), clipping
     charnn-default  what charnn trains with: LSTM, orthogonal, clipping, Adam, slope 1
                     (so the fused library kernel)
+    +layer-norm     charnn-default with layer normalisation inside charnn's own cell
 
 The SGD learning rate is a sweep's choice (--sgd-lr-sweep): short runs of
 +orthogonal pick the rate of every SGD row.
@@ -83,6 +84,8 @@ EXTRA = [
      dict(cell="rnn", activation="relu", init="identity", gate_slope=1.0, layer_norm=False, grad_clip=5.0, **SGD)),
     ("charnn-default", "side row: LSTM, orthogonal, clip, Adam, slope 1",
      dict(cell="lstm", activation="tanh", init="orthogonal", gate_slope=1.0, layer_norm=False, grad_clip=5.0, **ADAM)),
+    ("+layer-norm", "side row: charnn-default with layer norm in the cell",
+     dict(cell="lstm", activation="tanh", init="orthogonal", gate_slope=1.0, layer_norm=True, grad_clip=5.0, **ADAM)),
 ]
 
 

@@ -39,6 +39,24 @@ METRICS = "metrics.jsonl"
 DEFAULT_ROOT = Path("checkpoints")
 
 
+def new_run_dir(out: str | Path | None, stem: str) -> Path:
+    """The directory for a new run: ``out`` if it is empty or absent, else ``checkpoints/STEM-TIME``.
+
+    An ``out`` that already holds files is refused: a new run never overwrites an earlier one.
+    """
+    if out:
+        run_dir = Path(out)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise CharnnError(f"{run_dir} already holds files; resume it with --resume {run_dir}, or choose another --out")
+        return run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = DEFAULT_ROOT / f"{stem}-{stamp}", 1
+    while run_dir.exists():
+        n += 1
+        run_dir = DEFAULT_ROOT / f"{stem}-{stamp}-{n}"
+    return run_dir
+
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint: its JSON config, vocabulary and (optionally) training state."""

@@ -32,7 +32,6 @@ import signal
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,12 +41,12 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import checkpoint as ckpt
+from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, ModelConfig, init_recurrent
-from .training import (LRSchedule, StopSignals, TrainingInterrupted, _new_run_dir, budget_progress, budget_spent,
-                       make_optimizer)
+from .training import LRSchedule, StopSignals, TrainingInterrupted, make_optimizer
 from .vocab import Vocabulary
 
 KIND = "classifier"
@@ -722,7 +721,7 @@ def _fingerprint(texts: Sequence[str], y: np.ndarray) -> str:
 
 
 # -- the trainer ------------------------------------------------------------------------------------------
-class ClassifierTrainer:
+class ClassifierTrainer(BudgetClock):
     """One classifier training run; build it, or :meth:`resume` a run directory, then :meth:`fit`.
 
     Without ``run_dir`` (and without ``cfg.out``) nothing is written: the best
@@ -800,7 +799,7 @@ class ClassifierTrainer:
             self._restore(resume_from)
         else:
             out = run_dir or cfg.out
-            self.run_dir = _new_run_dir(SimpleNamespace(out=str(out), corpus=[])) if out else None
+            self.run_dir = ckpt.new_run_dir(out, "classify") if out else None
 
     # -- construction ---------------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -833,7 +832,7 @@ class ClassifierTrainer:
                 "label_sep": label_sep, "encoding": encoding}
         train, vdata = _read_info(info, cfg.multi_label)
         if cfg.out is None and kwargs.get("run_dir") is None:
-            kwargs["run_dir"] = _new_run_dir(SimpleNamespace(out=None, corpus=[f"{Path(data).stem}-classify"]))
+            kwargs["run_dir"] = ckpt.new_run_dir(None, f"{Path(data).stem}-classify")
         return cls(cfg, train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None,
                    data_info=info, **kwargs)
 
@@ -883,20 +882,6 @@ class ClassifierTrainer:
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         ckpt.truncate_metrics(self.run_dir, self.step)
-
-    # -- budget ------------------------------------------------------------------------------------------------
-    def _epoch_progress(self) -> float:
-        return self.epoch + self.batch_in_epoch / self.steps_per_epoch
-
-    def _elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self._started
-
-    def progress(self) -> float:
-        """Fraction of the budget used: the largest of steps, epochs and time."""
-        return budget_progress(self.cfg, self.step, self._epoch_progress(), self._elapsed())
-
-    def _budget_spent(self) -> str | None:
-        return budget_spent(self.cfg, self.step, self._epoch_progress(), self._elapsed())
 
     # -- training -----------------------------------------------------------------------------------------------
     def trainable_groups(self) -> int:
@@ -964,8 +949,8 @@ class ClassifierTrainer:
         cfg = self.cfg
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._started = time.perf_counter()
-        bar = _ProgressBar(self, disable=cfg.quiet)
+        self.start_clock()
+        bar = BudgetBar(self, disable=cfg.quiet)
         stop_reason = None
         self.net.train()
         with StopSignals() as stop, bar:
@@ -989,7 +974,7 @@ class ClassifierTrainer:
                     stop_reason = stop_reason or self._budget_spent()
                     if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.batch_in_epoch == 0 or stop_reason:
                         stop_reason = self._evaluate_and_save(stop_reason)
-                    bar.update(loss)
+                    bar.update(self._bar_text(loss))
                     if stop.signum is not None:
                         self._log({"interrupted": signal.Signals(stop.signum).name})
                         if self.run_dir:
@@ -1006,6 +991,10 @@ class ClassifierTrainer:
                               best.get("val_accuracy"), (self.last or {}).get("val_macro_f1"), len(self.texts),
                               len(self.val_texts), self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(),
                               stop_reason)
+
+    def _bar_text(self, loss: float) -> str:
+        f1 = f"{self.last['val_macro_f1']:.3f}" if self.last else "-"
+        return f"loss {loss:.3f}, val macro-F1 {f1}"
 
     def _improved(self, val: dict) -> bool:
         if self.best is None:
@@ -1105,35 +1094,6 @@ def _read_info(info: dict, multi_label: bool) -> tuple[LabelledData, LabelledDat
     kw = dict(text_col=info["text_col"], label_col=info["label_col"], multi_label=multi_label,
               label_sep=info.get("label_sep", "|"), encoding=info.get("encoding", "utf-8"))
     return read_labelled(info["data"], **kw), (read_labelled(info["val"], **kw) if info.get("val") else None)
-
-
-class _ProgressBar:
-    """tqdm bar over steps (or seconds with a time budget), with the loss and validation macro-F1."""
-
-    def __init__(self, trainer: ClassifierTrainer, disable: bool):
-        from tqdm.auto import tqdm
-
-        self.trainer, cfg = trainer, trainer.cfg
-        self.by_time = bool(cfg.time_budget)
-        totals = [cfg.max_steps] if cfg.max_steps else []
-        if cfg.max_epochs:
-            totals.append(int(math.ceil(cfg.max_epochs * trainer.steps_per_epoch)))
-        total = cfg.time_budget if self.by_time else (min(totals) if totals else None)
-        self.bar = tqdm(total=total, initial=0 if self.by_time else trainer.step, disable=disable, dynamic_ncols=True,
-                        unit="s" if self.by_time else "step", leave=True,
-                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}{postfix}]" if self.by_time else None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-    def update(self, loss: float) -> None:
-        t = self.trainer
-        self.bar.update((min(t._elapsed(), self.bar.total) if self.by_time else t.step) - self.bar.n)
-        f1 = f"{t.last['val_macro_f1']:.3f}" if t.last else "-"
-        self.bar.set_postfix_str(f"loss {loss:.3f}, val macro-F1 {f1}, ep {t._epoch_progress():.2f}", refresh=False)
 
 
 def _version() -> str:

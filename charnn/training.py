@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
+from .budget import BudgetBar, BudgetClock
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
 from .distributed import DistContext, init_from_env, shutdown
@@ -164,46 +165,6 @@ def _fit_global_batch(cfg: TrainConfig, train_state: dict, world_size: int) -> N
     cfg.batch_size = streams // per_process
 
 
-def _new_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.out:
-        run_dir = Path(cfg.out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise CharnnError(
-                f"{run_dir} already holds files; resume it with --resume {run_dir}, or choose another --out"
-            )
-    else:
-        stem = Path(cfg.corpus[0]).stem if cfg.corpus else "run"
-        run_dir = ckpt.DEFAULT_ROOT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = ckpt.DEFAULT_ROOT / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
-    return run_dir
-
-
-def budget_progress(cfg, step: int, epochs: float, elapsed: float) -> float:
-    """Fraction of a budget used (any config with max_steps, max_epochs, time_budget): the largest part."""
-    parts = [0.0]
-    if cfg.max_steps:
-        parts.append(step / cfg.max_steps)
-    if cfg.max_epochs:
-        parts.append(epochs / cfg.max_epochs)
-    if cfg.time_budget:
-        parts.append(elapsed / cfg.time_budget)
-    return max(parts)
-
-
-def budget_spent(cfg, step: int, epochs: float, elapsed: float) -> str | None:
-    """Which limit of the budget is reached, if any: max-steps, max-epochs or time."""
-    if cfg.max_steps and step >= cfg.max_steps:
-        return "max-steps"
-    if cfg.max_epochs and epochs >= cfg.max_epochs - 1e-9:
-        return "max-epochs"
-    if cfg.time_budget and elapsed >= cfg.time_budget:
-        return "time"
-    return None
-
-
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adam":
@@ -308,7 +269,7 @@ class StopSignals:
 
 
 # -- the trainer ------------------------------------------------------------------------------
-class Trainer:
+class Trainer(BudgetClock):
     """One training run; build with ``Trainer(cfg)``, or ``Trainer.resume(run_dir)``, then ``fit()``."""
 
     def __init__(self, cfg: TrainConfig, *, resume_from: ckpt.Checkpoint | None = None,
@@ -362,7 +323,7 @@ class Trainer:
 
     def _agree_on_run_dir(self) -> Path:
         """Rank 0 picks (and checks) the run directory; every process uses the same one."""
-        chosen = [str(_new_run_dir(self.cfg)) if self.dist.is_main else None]
+        chosen = [str(ckpt.new_run_dir(self.cfg.out, Path(self.cfg.corpus[0]).stem if self.cfg.corpus else "run")) if self.dist.is_main else None]
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -414,20 +375,15 @@ class Trainer:
             ckpt.truncate_metrics(self.run_dir, self.step)
 
     # -- budget -------------------------------------------------------------------------------------
-    def _epoch_progress(self) -> float:
-        return self.epoch + self.batch_in_epoch / self.batcher.steps_per_epoch
-
-    def _elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self._started
-
-    def progress(self) -> float:
-        """Fraction of the budget used: the largest of steps, epochs and time."""
-        return budget_progress(self.cfg, self.step, self._epoch_progress(), self._elapsed())
-
-    def _budget_spent(self) -> str | None:
-        return budget_spent(self.cfg, self.step, self._epoch_progress(), self._elapsed())
-
     # -- one step -------------------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batcher.steps_per_epoch
+
+    def _bar_text(self, loss: float, speed: float) -> str:
+        val = f"{self.last_val:.3f}" if self.last_val is not None else "-"
+        return f"loss {loss:.3f}, val bpc {val}, {speed:,.0f} chars/s"
+
     def _set_lr(self) -> float:
         lr = self.cfg.lr * self.schedule.factor(self.step, self.progress())
         for group in self.optimizer.param_groups:
@@ -538,7 +494,7 @@ class Trainer:
             f"batch {c.batch_size} x seq {c.seq_len}"
             + (f" x {c.grad_accum} accumulation" if c.grad_accum > 1 else "")
             + (f" x {self.world_size} processes" if self.world_size > 1 else "")
-            + f", {self.batcher.steps_per_epoch} steps per epoch\n"
+            + f", {self.steps_per_epoch} steps per epoch\n"
             f"device: {self.device} ({self.precision}), {torch.get_num_threads()} CPU threads; "
             f"lr {c.lr:g} ({c.schedule}), budget: {_budget_text(c)}\n"
             f"run directory: {self.run_dir}"
@@ -555,9 +511,9 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._started = time.perf_counter()
-        eval_every = cfg.eval_every or max(self.batcher.steps_per_epoch, 1)
-        bar = _ProgressBar(self, disable=cfg.quiet or not self.dist.is_main)
+        self.start_clock()
+        eval_every = cfg.eval_every or max(self.steps_per_epoch, 1)
+        bar = BudgetBar(self, disable=cfg.quiet or not self.dist.is_main)
         stop_reason = None
         self.model.train()
         with StopSignals() as stop, bar:
@@ -573,13 +529,13 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     self.train_chars += x.numel() * self.world_size
-                    if self.batch_in_epoch == self.batcher.steps_per_epoch:
+                    if self.batch_in_epoch == self.steps_per_epoch:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     speed = self.train_chars / max(self.train_seconds, 1e-9)
                     if self.step % cfg.log_every == 0 or self.batch_in_epoch == 0:
                         loss_all = self.dist.sum([loss], self.device)[0] / self.world_size
                         self._log({"train_loss": round(loss_all, 5), "lr": lr, "chars_per_sec": round(speed)})
-                    bar.update(loss, speed)
+                    bar.update(self._bar_text(loss, speed))
                     interrupted, out_of_time, diverged = self.dist.any(
                         [stop.signum is not None, cfg.time_budget is not None and self._budget_spent() == "time",
                          not math.isfinite(loss)], self.device)
@@ -587,7 +543,7 @@ class Trainer:
                     stop_reason = "diverged" if diverged else "time" if out_of_time else budget if budget != "time" else None
                     if self.step % eval_every == 0 or self.batch_in_epoch == 0 or stop_reason:
                         stop_reason = self._evaluate_and_save(stop_reason)
-                        bar.update(loss, speed)
+                        bar.update(self._bar_text(loss, speed))
                     if interrupted:
                         signum = stop.signum or signal.SIGTERM
                         self._log({"interrupted": signal.Signals(signum).name})
@@ -613,43 +569,6 @@ class Trainer:
             self.save("best")
         self.save("last")
         return stop_reason
-
-
-class _ProgressBar:
-    """tqdm bar over steps, or over seconds when the budget is a time limit."""
-
-    def __init__(self, trainer: Trainer, disable: bool):
-        from tqdm.auto import tqdm
-
-        self.trainer = trainer
-        cfg = trainer.cfg
-        self.by_time = bool(cfg.time_budget)
-        if self.by_time:
-            total = cfg.time_budget
-        else:
-            totals = [cfg.max_steps] if cfg.max_steps else []
-            if cfg.max_epochs:
-                totals.append(int(math.ceil(cfg.max_epochs * trainer.batcher.steps_per_epoch)))
-            total = min(totals) if totals else None
-        self.bar = tqdm(total=total, initial=0 if self.by_time else trainer.step, disable=disable,
-                        unit="s" if self.by_time else "step", dynamic_ncols=True, leave=True,
-                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}{postfix}]" if self.by_time else None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-    def update(self, loss: float, speed: float) -> None:
-        t = self.trainer
-        if self.by_time:
-            self.bar.update(min(t._elapsed(), self.bar.total) - self.bar.n)
-        else:
-            self.bar.update(t.step - self.bar.n)
-        val = f"{t.last_val:.3f}" if t.last_val is not None else "-"
-        self.bar.set_postfix_str(f"loss {loss:.3f}, val bpc {val}, {speed:,.0f} chars/s, ep {t._epoch_progress():.2f}",
-                                 refresh=False)
 
 
 def map_state(fn, state):
