@@ -2,8 +2,12 @@
 
 Usage (wrap in the benchmark lock; the whole run takes several minutes)::
 
-    flock /tmp/charnn-bench.lock python benchmarks/bench_complete.py \\
-        --checkpoint /work/models/shakespeare-2x256 --corpus ../shared/corpora/tinyshakespeare.txt
+    python benchmarks/bench_complete.py [--checkpoint RUN_DIR] [--json]
+
+Without ``--checkpoint`` it uses ``checkpoints/bench-complete-small``, and
+first trains it there when it is missing: ``charnn train CORPUS --preset small
+--time 10m`` (the default 2x256 CPU model, first 90% of the corpus), so the
+benchmark needs nothing but the corpus.
 
 1. Typing: a simulated user types the held-out last ``val_fraction`` of the
    corpus (the part the model never trained on), with incremental state;
@@ -34,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = Path("/work/models/shakespeare-2x256")
+DEFAULT_CHECKPOINT = REPO / "checkpoints" / "bench-complete-small"
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
 
@@ -154,7 +158,8 @@ def run(args) -> dict:
     completer = Completer(model, vocab=ck.vocab)
     report: dict = {"checkpoint": str(ck.path), "corpus": str(args.corpus), "torch_threads": torch.get_num_threads(),
                     "model": {k: ck.config["model"][k] for k in ("cell", "layers", "hidden", "embed_dim")},
-                    "train_chars": len(train_text), "typed_chars": len(passage)}
+                    "train_chars": len(train_text), "typed_chars": len(passage),
+                    "model_training": {k: ck.config["summary"].get(k) for k in ("step", "epoch", "best_val_bpc", "elapsed")}}
     dictionary = DictionaryCompleter(train_text)
     typing = evaluate_completion(completer, passage, k=3, mode="word", dictionary=dictionary, progress=not args.quiet)
     report["typing"] = typing
@@ -191,6 +196,8 @@ def print_table(r: dict) -> None:
     t, lat = r["typing"], r["typing"]["latency_ms"]
     m = r["model"]
     print(f"model {m['layers']}x{m['hidden']} {m['cell'].upper()} ({r['checkpoint']}), torch threads {r['torch_threads']}")
+    mt = r["model_training"]
+    print(f"trained {mt['elapsed']} s, {mt['step']} steps, {mt['epoch']} epochs, best validation {mt['best_val_bpc']:.4f} bpc")
     print(f"typed {r['typed_chars']:,} held-out characters; dictionary of {t['dictionary']['words']:,} training words")
     print()
     print(f"{'':28} {'savings top-1':>14} {'savings top-3':>14}")
@@ -214,9 +221,19 @@ def print_table(r: dict) -> None:
     print("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["targets"].items()))
 
 
+def train_default_model(args) -> None:
+    """Train the default 2x256 CPU model (``--preset small``) on the corpus into the default checkpoint."""
+    cmd = [sys.executable, "-m", "charnn", "train", args.corpus, "--preset", "small", "--time", args.train_time,
+           "--out", str(DEFAULT_CHECKPOINT)] + (["--quiet"] if args.quiet or args.json else [])
+    print("training the benchmark model: " + " ".join(cmd[2:]), file=sys.stderr)
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="Run directory of the 2x256 model.")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="Run directory of the 2x256 model (default: trained first if missing).")
+    p.add_argument("--train-time", default="10m", help="Training budget when the default checkpoint is missing.")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="The model's training corpus (tiny Shakespeare).")
     p.add_argument("--limit", type=int, help="Type only the first N held-out characters.")
     p.add_argument("--uncached", type=int, default=300, help="Keystrokes timed without the state cache.")
@@ -225,8 +242,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     args = p.parse_args(argv)
+    if not Path(args.corpus).is_file():
+        p.error(f"{args.corpus} not found; pass --corpus PATH to tiny Shakespeare")
     if not Path(args.checkpoint).exists():
-        p.error(f"{args.checkpoint} not found; train it first (see benchmarks/RESULTS.md, Autocomplete)")
+        if Path(args.checkpoint) != DEFAULT_CHECKPOINT:
+            p.error(f"{args.checkpoint} not found; pass a run directory of a trained model")
+        train_default_model(args)
     report = run(args)
     if args.json:
         print(json.dumps(report))
