@@ -20,10 +20,10 @@ COMMON = dict(
 PRESETS: dict[str, dict] = {
     # seconds on a CPU: smoke tests and demos
     "tiny": dict(layers=1, hidden=128, embed_dim=32, dropout=0.0, batch_size=32, seq_len=64, lr=3e-3, warmup_steps=20),
-    # a few minutes on a CPU (the default CPU model without a time budget)
-    "small": dict(layers=2, hidden=256, dropout=0.1, batch_size=32, seq_len=128),
+    # a few minutes on a CPU (the default CPU model without a time budget, or under five minutes)
+    "small": dict(layers=2, hidden=256, dropout=0.1, batch_size=16, seq_len=128),
     # ten minutes to an hour on a CPU, minutes on a GPU
-    "medium": dict(layers=2, hidden=512, dropout=0.25, batch_size=32, seq_len=128, lr=2e-3),
+    "medium": dict(layers=2, hidden=384, dropout=0.2, batch_size=16, seq_len=128, lr=3e-3),
     # hours on a GPU
     "large": dict(layers=3, hidden=1024, embed_dim=128, dropout=0.3, batch_size=128, seq_len=256, lr=1e-3,
                   warmup_steps=500),
@@ -36,15 +36,16 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-CPU_MEDIUM_FROM = 5 * 60  # seconds of budget from which the 2x512 model learns more than the 2x256
+CPU_MEDIUM_FROM = 5 * 60  # seconds of budget from which the 2x384 model learns more than the 2x256
 
 
 def auto_preset(device: torch.device, time_budget: float | None) -> str:
     """The preset that learns best on ``device`` within ``time_budget`` seconds.
 
     Without a budget (train until early stopping or the epoch limit) a CPU gets
-    the quick 2x256 model; with five minutes or more, the 2x512 one (the
-    comparison on tiny Shakespeare is in benchmarks/RESULTS.md). GPUs get the
+    the quick 2x256 model; with five minutes or more, the 2x384 one (the
+    comparison on tiny Shakespeare is in benchmarks/RESULTS.md: in ten minutes
+    it beat the 2x256 and the earlier 2x512 default). GPUs get the
     larger presets.
     """
     if device.type == "cuda":

@@ -19,6 +19,7 @@ from charnn import TrainConfig, Trainer, train
 from charnn import checkpoint as ckpt
 from charnn.cli import main
 from charnn.data import StreamBatcher, eval_streams
+from charnn.errors import CharnnError
 from charnn.lm import load_language_model
 from charnn.training import TrainingInterrupted
 from charnn.vocab import UNK_ID, Vocabulary
@@ -291,3 +292,17 @@ def test_sigint_leaves_a_resumable_checkpoint(small_corpus, tmp_path):
     resumed = console("train", "--resume", run, "--max-steps", step + 3, "-q")
     assert resumed.returncode == 0, resumed.stderr
     assert ckpt.load_checkpoint(run, which="last", with_train_state=True).train_state["step"] == step + 3
+
+
+def test_defaults_follow_device_and_budget():
+    from charnn.presets import PRESETS, recommend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert recommend(cpu, None, None)["hidden"] == PRESETS["small"]["hidden"]  # no budget: the quick model
+    assert recommend(cpu, None, None)["max_epochs"] > 0  # ... with an epoch limit, so it ends
+    assert recommend(cpu, 3 * 60, None)["hidden"] == PRESETS["small"]["hidden"]
+    assert recommend(cpu, 10 * 60, None)["hidden"] == PRESETS["medium"]["hidden"]
+    assert recommend(cuda, 2 * 3600, None)["hidden"] == PRESETS["large"]["hidden"]
+    assert recommend(cpu, 10 * 60, "tiny")["hidden"] == PRESETS["tiny"]["hidden"]  # a preset wins
+    with pytest.raises(CharnnError, match="--preset must be one of"):
+        recommend(cpu, None, "huge")
