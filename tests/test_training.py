@@ -306,3 +306,14 @@ def test_defaults_follow_device_and_budget():
     assert recommend(cpu, 10 * 60, "tiny")["hidden"] == PRESETS["tiny"]["hidden"]  # a preset wins
     with pytest.raises(CharnnError, match="--preset must be one of"):
         recommend(cpu, None, "huge")
+
+
+def test_threads_option_sets_torch_threads(tiny_run):
+    before = torch.get_num_threads()
+    try:
+        result = run_cli("--threads", 2, "info", tiny_run, "--json")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert_clear_error(run_cli("--threads", 0, "info", tiny_run), "--threads must be at least 1")

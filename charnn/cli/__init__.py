@@ -26,12 +26,21 @@ class CharnnGroup(click.Group):
 
 @click.group(cls=CharnnGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="charnn")
-def main():
+@click.option("--threads", type=int, envvar="CHARNN_THREADS",
+              help="CPU threads for PyTorch (default: one per core). Use 1 per process when several "
+                   "charnn jobs share a machine: oversubscribed cores slow training many times over.")
+def main(threads):
     """charnn: character-level recurrent neural networks.
 
     Train a model on your text, sample from it, classify text with it, or use
     it as an autocomplete engine.
     """
+    if threads is not None:
+        if threads < 1:
+            raise CharnnError(f"--threads must be at least 1, got {threads}")
+        import torch  # noqa: PLC0415 (keeps `charnn --help` fast)
+
+        torch.set_num_threads(threads)
 
 
 # Each module registers its commands on ``main`` when imported.
