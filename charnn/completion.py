@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
@@ -123,6 +124,23 @@ def _start_phase(mode: str, text: str) -> int:
 
 
 # -- the state cache ---------------------------------------------------------------------------
+MAX_SUGGESTIONS = 100  # k: the beam batch is at least k rows
+MAX_SUGGESTION_CHARS = 1000
+
+
+def _bounded_int(name: str, value, most: int) -> int:
+    """``value`` as an int in [1, most] (any integral type but bool), or a CharnnError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise CharnnError(f"{name} must be an integer from 1 to {most}, got {value!r}") from None
+    if not 1 <= value <= most:
+        raise CharnnError(f"{name} must be an integer from 1 to {most}, got {value!r}")
+    return value
+
+
 class StateCache:
     """A bounded LRU map from a text to the model's (state, next-char logits) after reading it."""
 
@@ -260,7 +278,12 @@ class Completer:
         return window or EMPTY_TEXT
 
     def _read(self, window: str):
-        """(state, logits) after ``window``, from the longest cached prefix on."""
+        """(state, logits) after ``window``, from the longest cached prefix on.
+
+        The lock guards only the cache: the model steps outside it (the stepper
+        keeps per-thread scratch buffers), so one client's long cold read never
+        stalls the keystrokes of the others.
+        """
         with self._lock:
             hit = self._cache.get(window)
             if hit is not None:
@@ -268,17 +291,18 @@ class Completer:
             base, item = window[:-1], self._cache.get(window[:-1])
             if item is None:
                 base, item = self._cache.longest_prefix(window)
-            state = item[0] if item is not None else None
-            rest = window[len(base):]
-            ids = torch.as_tensor(self.vocab.encode(rest).astype("int64"), device=self.device)
+        state = item[0] if item is not None else None
+        rest = window[len(base):]
+        ids = torch.as_tensor(self.vocab.encode(rest).astype("int64"), device=self.device)
+        if len(rest) == 1 and state is not None:
+            logits, state = self.stepper.step(ids, state)
+            item = (state, logits)
+        else:
+            item = self._prime(base, rest, ids, state)
+        with self._lock:
             self.chars_read += len(rest)
-            if len(rest) == 1 and state is not None:
-                logits, state = self.stepper.step(ids, state)
-                item = (state, logits)
-            else:
-                item = self._prime(base, rest, ids, state)
             self._cache.put(window, item)
-            return item
+        return item
 
     def _prime(self, base: str, rest: str, ids: torch.Tensor, state):
         """Read ``rest`` (``ids``) after ``base`` in batched passes, caching the state at every checkpoint position."""
@@ -288,7 +312,8 @@ class Completer:
             logits, state = self.stepper.prime(ids[None, start:end], state)
             if end == len(ids):
                 return state, logits
-            self._cache.put(base + rest[:end], (state, logits))
+            with self._lock:
+                self._cache.put(base + rest[:end], (state, logits))
             start = end
 
     def next_char_probs(self, text: str) -> torch.Tensor:
@@ -311,10 +336,7 @@ class Completer:
             raise CharnnError(f"text must be a string, got {type(text).__name__}")
         if mode not in MODES:
             raise CharnnError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if not isinstance(k, int) or k < 1:
-            raise CharnnError(f"k must be a positive integer, got {k!r}")
-        if not isinstance(max_chars, int) or max_chars < 1:
-            raise CharnnError(f"max_chars must be a positive integer, got {max_chars!r}")
+        k, max_chars = _bounded_int("k", k, MAX_SUGGESTIONS), _bounded_int("max_chars", max_chars, MAX_SUGGESTION_CHARS)
         state, logits = self._read(self._window(text))
         with torch.no_grad(), blas_threads(1 if max(self.beam_width, k) <= SMALL_BATCH else None):
             return self._beam_search(state, logits, self._rules[mode], _start_phase(mode, text), k, max_chars)
@@ -375,7 +397,9 @@ class Completer:
 
         Beams below the bar are dropped (-inf while fewer than k are found):
         the search ends when no beam is left, and the step batch shrinks as
-        the suggestions settle.
+        the suggestions settle. Like the beam width, this is a heuristic: with
+        length normalisation a longer continuation of a dropped beam could in
+        rare cases have ranked higher.
         """
         if len(found) < k:
             return -math.inf

@@ -143,7 +143,7 @@ def _sweep(completer: Completer, doc: str, k: int, mode: str, max_chars: int, pr
         t0 = time.perf_counter()
         found.append(completer.suggest(text, k=k, mode=mode, max_chars=max_chars))
         lat[pos] = time.perf_counter() - t0
-        best = completer.next_char_probs(text).topk(5).indices.tolist()
+        best = completer.next_char_probs(text).topk(min(5, len(completer.vocab))).indices.tolist()
         if ids[pos] != 0:  # an unknown character is never predicted
             top1 += best[0] == ids[pos]
             top5 += int(ids[pos]) in best

@@ -144,12 +144,21 @@ def test_empty_text_and_unknown_characters_are_fine(completer):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="sentence"), "mode must be one of"),
-    (dict(k=0), "k must be a positive integer"),
-    (dict(max_chars=0), "max_chars must be a positive integer"),
+    (dict(k=0), "k must be an integer from 1 to 100"),
+    (dict(k=True), "k must be an integer from 1 to 100"),
+    (dict(k=10**6), "k must be an integer from 1 to 100"),
+    (dict(k=2.0), "k must be an integer from 1 to 100"),
+    (dict(max_chars=0), "max_chars must be an integer from 1 to 1000"),
 ])
 def test_bad_arguments_raise_charnn_errors(completer, kwargs, message):
     with pytest.raises(CharnnError, match=message):
         completer.suggest("abc", **kwargs)
+
+
+def test_numpy_integers_are_accepted(completer):
+    import numpy as np
+
+    assert completer.suggest("abc", k=np.int64(2)) == completer.suggest("abc", k=2)
 
 
 def test_bad_construction_raises_charnn_errors(tiny_run, lm):

@@ -101,6 +101,19 @@ def test_typing_shows_the_engines_suggestions_and_tab_accepts_the_first(server, 
     assert after == [s.text for s in app.state.completer.suggest(accepted, k=3)]
 
 
+def test_tab_pressed_before_the_suggestions_arrive_waits_for_them(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    app, url = server
+    browser.get(url + "/")
+    editor = browser.find_element(By.ID, "editor")
+    editor.send_keys(TYPED + Keys.TAB)  # no time for the request of the last keystroke to come back
+    accepted = TYPED + app.state.completer.suggest(TYPED, k=3)[0].text
+    wait_for(lambda: editor.get_attribute("value") == accepted, what="Tab to insert the fresh first suggestion")
+    assert browser.switch_to.active_element == editor
+
+
 def test_line_mode_and_clicking_a_suggestion(server, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
