@@ -18,13 +18,16 @@ have ranges, texts have the configured maximum length): bad input answers
 and shared by all requests; the completer is thread-safe.
 """
 
+import contextlib
 import json
 import logging
 import math
+import threading
 import time
+import weakref
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from .completion import MODES, Completer
 from .errors import CharnnError
@@ -33,6 +36,7 @@ log = logging.getLogger("charnn.serve")
 
 DEFAULT_MAX_TEXT_CHARS = 20_000
 DEFAULT_MAX_GENERATE_CHARS = 2_000
+DEFAULT_MAX_GENERATIONS = 4
 MAX_K = 10
 MAX_SUGGESTION_CHARS = 128
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -61,11 +65,14 @@ def page_html() -> str:
 
 def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
                max_generate_chars: int = DEFAULT_MAX_GENERATE_CHARS, completer: Completer | None = None,
-               completer_options: dict | None = None):
+               completer_options: dict | None = None, max_generations: int = DEFAULT_MAX_GENERATIONS):
     """The ASGI application serving ``model`` (a checkpoint path, None for the latest run, or ``charnn.load(...)``).
 
     ``max_text_chars`` bounds every input text (completion context, seed,
-    scored text); ``max_generate_chars`` bounds a generation's length.
+    scored text); ``max_generate_chars`` bounds a generation's length;
+    ``max_generations`` bounds the generations and scorings running at once
+    (more get 503 with Retry-After), so long requests cannot starve the
+    keystroke-sized completions.
     """
     _require_fastapi()
     from fastapi import FastAPI  # noqa: PLC0415
@@ -74,8 +81,9 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
 
     from . import __version__  # noqa: PLC0415
 
-    if max_text_chars < 1 or max_generate_chars < 1:
-        raise CharnnError("--max-text-chars and --max-generate-chars must be positive")
+    if max_text_chars < 1 or max_generate_chars < 1 or max_generations < 1:
+        raise CharnnError("--max-text-chars, --max-generate-chars and --max-generations must be positive")
+    slots = threading.BoundedSemaphore(max_generations)
     lm = _load(model)
     completer = completer or Completer(lm, **(completer_options or {}))
     started = time.time()
@@ -150,33 +158,80 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         return {"suggestions": [s.to_dict() for s in found], "mode": req.mode,
                 "elapsed_ms": (time.perf_counter() - t0) * 1e3}
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @contextlib.contextmanager
+    def slot():
+        if not slots.acquire(blocking=False):
+            raise Busy(max_generations)
+        try:
+            yield
+        finally:
+            slots.release()
+
+    @app.exception_handler(Busy)
+    async def busy(request, exc: Busy):
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.post("/v1/generate", response_model=GenerateResponse, responses={503: {"description": "Too many at once."}})
     def generate(req: GenerateRequest):
         t0 = time.perf_counter()
-        text = lm.generate(req.seed, **sampling(req))
+        with slot():
+            text = lm.generate(req.seed, **sampling(req))
         return {"text": text, "seed": req.seed, "chars": len(text), "elapsed_ms": (time.perf_counter() - t0) * 1e3}
 
     @app.post("/v1/generate/stream", response_class=StreamingResponse,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": 'Server-sent events: `data: {"text": CHUNK}` per chunk, then `event: end`.'}})
     def generate_stream(req: GenerateRequest):
-        run = lm.sampler(req.seed, **sampling(req))  # built now, so bad options answer 422 before streaming
-        chunks = (piece for _, piece in run)
-        return StreamingResponse(_events(chunks), media_type="text/event-stream",
+        if not slots.acquire(blocking=False):
+            raise Busy(max_generations)
+        release = _once(slots.release)  # when the stream ends, or when it is dropped before it starts
+        try:
+            run = lm.sampler(req.seed, **sampling(req))  # built now, so bad options answer 422 before streaming
+        except BaseException:
+            release()
+            raise
+        events = _events((piece for _, piece in run), on_end=release)
+        weakref.finalize(events, release)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/score")
     def score(req: ScoreRequest) -> dict:
         """Bits per character of ``text`` (after a newline) and every character's log-probability (nats)."""
-        result = lm.score(req.text)
+        with slot():
+            result = lm.score(req.text)
         return {"chars": result.chars, "bpc": _finite(result.bpc), "nats_per_char": _finite(result.nats_per_char),
                 "total_logprob": _finite(result.total_logprob), "logprobs": [_finite(x) for x in result.logprobs.tolist()]}
 
     return app
 
 
-def _events(chunks: Iterator[str]) -> Iterator[str]:
-    """Server-sent events from text chunks; an error ends the stream with an ``error`` event."""
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` wrapped so that only its first call, from any thread, runs it."""
+    lock, done = threading.Lock(), []
+
+    def call() -> None:
+        with lock:
+            if done:
+                return
+            done.append(True)
+        fn()
+
+    return call
+
+
+class Busy(Exception):
+    """Every generation slot is taken."""
+
+    def __init__(self, slots: int):
+        super().__init__(f"busy: {slots} generations or scorings are already running; retry in a moment")
+
+
+def _events(chunks: Iterator[str], on_end: Callable[[], None] = lambda: None) -> Iterator[str]:
+    """Server-sent events from text chunks; an error ends the stream with an ``error`` event.
+
+    ``on_end`` runs however the stream ends: finished, failed, or dropped by the client.
+    """
     total = 0
     try:
         for chunk in chunks:
@@ -186,6 +241,8 @@ def _events(chunks: Iterator[str]) -> Iterator[str]:
         log.exception("generation stream failed")
         yield f"event: error\ndata: {json.dumps({'detail': str(e) if isinstance(e, CharnnError) else 'internal error'})}\n\n"
         return
+    finally:
+        on_end()
     yield f"event: end\ndata: {json.dumps({'chars': total})}\n\n"
 
 

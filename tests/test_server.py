@@ -274,3 +274,34 @@ def test_serve_command_listens_on_loopback_and_stops_on_ctrl_c(tiny_run):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, -signal.SIGINT, 130)
     assert f"http://127.0.0.1:{port}/" in err
+
+
+def test_generations_beyond_the_limit_get_503_while_completions_go_on(tiny_run):
+    app = create_app(tiny_run, max_generations=1)
+    client = TestClient(app)
+    started, release = threading.Event(), threading.Event()
+    real = app.state.lm.generate
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    app.state.lm.generate = slow
+    first = threading.Thread(target=lambda: client.post("/v1/generate", json={"seed": "a", "length": 5}))
+    first.start()
+    try:
+        assert started.wait(30)
+        busy = client.post("/v1/generate", json={"seed": "a", "length": 5})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert "busy" in busy.json()["detail"]
+        assert client.post("/v1/score", json={"text": "abc"}).status_code == 503
+        assert client.post("/v1/generate/stream", json={"seed": "a", "length": 5}).status_code == 503
+        assert client.post("/v1/complete", json={"text": "abc"}).status_code == 200
+    finally:
+        release.set()
+        first.join()
+    app.state.lm.generate = real
+    streamed = client.post("/v1/generate/stream", json={"seed": "a", "length": 5})
+    assert streamed.status_code == 200 and "event: end" in streamed.text
+    assert client.post("/v1/generate", json={"seed": "a", "length": 5}).status_code == 200  # the stream gave its slot back

@@ -123,9 +123,11 @@ def interactive(completer, *, k: int = 3, mode: str = "word", max_chars: int = 3
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-text-chars", type=click.IntRange(1), default=20_000, show_default=True, help="Longest input text.")
 @click.option("--max-generate-chars", type=click.IntRange(1), default=2_000, show_default=True, help="Longest generation.")
+@click.option("--max-generations", type=click.IntRange(1), default=4, show_default=True,
+              help="Generations and scorings at once; more get 503 (completions are never refused).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, mps or auto.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
-def serve_cmd(checkpoint, host, port, max_text_chars, max_generate_chars, device, log_level):
+def serve_cmd(checkpoint, host, port, max_text_chars, max_generate_chars, max_generations, device, log_level):
     """Serve a model over HTTP: JSON API, OpenAPI schema at /docs and a web page at /.
 
     Needs the serve extra: pip install 'charnn[serve]'.
@@ -143,7 +145,7 @@ def serve_cmd(checkpoint, host, port, max_text_chars, max_generate_chars, device
     model = load(checkpoint, device=device)
     click.echo(f"serving on http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", err=True)
     serve(model, host=host, port=port, log_level=log_level, max_text_chars=max_text_chars,
-          max_generate_chars=max_generate_chars)
+          max_generate_chars=max_generate_chars, max_generations=max_generations)
 
 
 @main.command("eval-complete")
