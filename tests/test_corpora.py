@@ -217,6 +217,10 @@ def test_cli_build(tmp_path):
     assert r.exit_code == 0, r.output
     assert len(read(out)) == 2000
     assert str(out) in r.output and "2,000 chars" in r.output and "distinct" in r.output
+    again = invoke("corpus", "build", "python-stdlib", "-o", str(out), "--max-chars", "2000", "--force", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == {"corpus": "python-stdlib", "path": str(out), "chars": 2000,
+                                        "distinct": len(set(read(out)))}
 
 
 def test_cli_unknown_name(tmp_path):

@@ -317,3 +317,12 @@ def test_threads_option_sets_torch_threads(tiny_run):
     finally:
         torch.set_num_threads(before)
     assert_clear_error(run_cli("--threads", 0, "info", tiny_run), "--threads must be at least 1")
+
+
+def test_train_json_prints_one_object(small_corpus, tmp_path):
+    result = CliRunner().invoke(main, ["train", str(small_corpus), "--preset", "tiny", "--max-steps", "6",
+                                       "--eval-every", "3", "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["steps"] == 6 and report["stop_reason"] == "max-steps"
+    assert report["run_dir"] == str(tmp_path / "run") and report["best_val_bpc"] > 0

@@ -55,15 +55,20 @@ def list_cmd(as_json: bool):
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--max-chars", type=click.IntRange(min=1), default=None,
               help="Keep at most this many characters.")
-def build_cmd(name: str, output: str, force: bool, max_chars: int | None):
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as one JSON object.")
+def build_cmd(name: str, output: str, force: bool, max_chars: int | None, as_json: bool):
     """Build corpus NAME into the file given by --output.
 
     See `charnn corpus list` for the names.
     """
     from ..corpora import build_corpus, text_stats
 
-    path = build_corpus(name, output, progress=True, max_chars=max_chars, overwrite=force)
+    path = build_corpus(name, output, progress=not as_json, max_chars=max_chars, overwrite=force)
     stats = text_stats(path)
+    if as_json:
+        click.echo(json.dumps({"corpus": name, "path": str(path), "chars": stats["chars"],
+                               "distinct": stats["distinct"]}))
+        return
     click.echo(
         f"wrote {path}: {stats['chars']:,} chars, {stats['distinct']} distinct "
         f"(corpus {name})",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import asdict
 
 import click
 
@@ -89,7 +90,8 @@ def fit_or_exit(trainer, command: str):
 @click.option("--init-from", type=click.Path(), help="Fine-tune from this trained model.")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, **opts):
+@click.option("--json", "as_json", is_flag=True, help="At the end, print the result as one JSON object (implies --quiet).")
+def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_json, **opts):
     """Train a character language model on CORPUS (files or directories).
 
     \b
@@ -100,6 +102,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, **opts
     """
     from ..training import Trainer, TrainConfig
 
+    quiet = quiet or as_json
     opts.update(init=init_scheme, compile=use_compile, time_budget=parse_duration(time_text), quiet=quiet)
     if opts["patience"] == 0:
         opts["patience"] = None
@@ -116,6 +119,9 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, **opts
         trainer = Trainer(TrainConfig(corpus=list(corpus), **opts))
     log(trainer.describe())
     result = fit_or_exit(trainer, "charnn train")
+    if as_json:
+        click.echo(json.dumps({**asdict(result), "run_dir": str(result.run_dir)}))
+        return
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "n/a"
     log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, "
         f"{result.train_chars_per_sec:,.0f} chars/s, best val bpc {best}")
