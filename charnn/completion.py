@@ -124,8 +124,9 @@ def _start_phase(mode: str, text: str) -> int:
 
 
 # -- the state cache ---------------------------------------------------------------------------
-MAX_SUGGESTIONS = 100  # k: the beam batch is at least k rows
-MAX_SUGGESTION_CHARS = 1000
+# The library's own bounds on suggest() (the server sets tighter ones of its own).
+K_LIMIT = 100  # the beam batch is at least k rows
+MAX_CHARS_LIMIT = 1000
 
 
 def _bounded_int(name: str, value, most: int) -> int:
@@ -336,7 +337,7 @@ class Completer:
             raise CharnnError(f"text must be a string, got {type(text).__name__}")
         if mode not in MODES:
             raise CharnnError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        k, max_chars = _bounded_int("k", k, MAX_SUGGESTIONS), _bounded_int("max_chars", max_chars, MAX_SUGGESTION_CHARS)
+        k, max_chars = _bounded_int("k", k, K_LIMIT), _bounded_int("max_chars", max_chars, MAX_CHARS_LIMIT)
         state, logits = self._read(self._window(text))
         with torch.no_grad(), blas_threads(1 if max(self.beam_width, k) <= SMALL_BATCH else None):
             return self._beam_search(state, logits, self._rules[mode], _start_phase(mode, text), k, max_chars)

@@ -158,14 +158,19 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         return {"suggestions": [s.to_dict() for s in found], "mode": req.mode,
                 "elapsed_ms": (time.perf_counter() - t0) * 1e3}
 
-    @contextlib.contextmanager
-    def slot():
+    def take_slot() -> Callable[[], None]:
+        """A generation slot, or Busy; returns its release, safe to call more than once."""
         if not slots.acquire(blocking=False):
             raise Busy(max_generations)
+        return _once(slots.release)
+
+    @contextlib.contextmanager
+    def slot():
+        release = take_slot()
         try:
             yield
         finally:
-            slots.release()
+            release()
 
     @app.exception_handler(Busy)
     async def busy(request, exc: Busy):
@@ -182,9 +187,7 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": 'Server-sent events: `data: {"text": CHUNK}` per chunk, then `event: end`.'}})
     def generate_stream(req: GenerateRequest):
-        if not slots.acquire(blocking=False):
-            raise Busy(max_generations)
-        release = _once(slots.release)  # when the stream ends, or when it is dropped before it starts
+        release = take_slot()  # held until the stream ends, or until it is dropped before it starts
         try:
             run = lm.sampler(req.seed, **sampling(req))  # built now, so bad options answer 422 before streaming
         except BaseException:
