@@ -79,6 +79,10 @@ def init_from_env(device_name: str = "auto") -> DistContext:
     return ctx
 
 
-def shutdown() -> None:
+def shutdown(*, synchronise: bool = True) -> None:
+    """Leave the process group. With ``synchronise``, first wait for every rank, so that no rank tears
+    down gloo's connections while another still uses them (which now and then aborted a rank at exit)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()

@@ -503,9 +503,15 @@ class Trainer(BudgetClock):
     # -- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         try:
-            return self._fit()
-        finally:
-            shutdown()
+            result = self._fit()
+        except TrainingInterrupted:
+            shutdown()  # every rank stopped at the same step: they can still meet
+            raise
+        except BaseException:
+            shutdown(synchronise=False)  # another rank may be gone: do not wait for it
+            raise
+        shutdown()
+        return result
 
     def _fit(self) -> TrainResult:
         cfg = self.cfg
