@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint as ckpt
+from .averaging import WeightAverage
 from .budget import BudgetBar, BudgetClock
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
@@ -70,6 +71,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05
+    average_last: float = 0.2  # average the weights over this last fraction of the budget (0: off)
     grad_accum: int | None = 1
     # budget and validation
     max_epochs: float | None = None
@@ -137,6 +139,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.time_budget is None or cfg.time_budget > 0, "--time must be positive"),
         (cfg.patience is None or cfg.patience >= 1, f"--patience must be at least 1, got {cfg.patience}"),
         (cfg.eval_every is None or cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
+        (0 <= cfg.average_last < 1, f"--average-last must be in [0, 1), got {cfg.average_last}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -219,8 +222,11 @@ class LRSchedule:
 
 @torch.no_grad()
 def evaluate(model: CharRNN, ids: np.ndarray, *, device: torch.device | str = "cpu", precision: str = "fp32",
-             n_streams: int = 64, seq_len: int = 256, ctx: DistContext | None = None) -> tuple[float, int]:
+             n_streams: int | None = None, seq_len: int = 256, ctx: DistContext | None = None) -> tuple[float, int]:
     """Mean loss in nats per character over every target of ``ids``, carrying state; and the count.
+
+    ``ids`` is read as ``n_streams`` contiguous streams side by side (None: a
+    few long ones, see :func:`charnn.data.eval_stream_count`).
 
     With a distributed ``ctx``, each process scores its share of the streams
     and the sums are all-reduced, giving the single-process figure.
@@ -318,6 +324,7 @@ class Trainer(BudgetClock):
         self.last_val: float | None = None
         self.bad_evals = 0
         self.hidden = None
+        self.average = WeightAverage(self.model)
         if resume_from:
             self._restore(resume_from)
 
@@ -366,6 +373,7 @@ class Trainer(BudgetClock):
         own_rng = f"rng.torch.{self.rank}"
         torch.set_rng_state(tensors[own_rng] if own_rng in tensors else tensors["rng.torch.0"])
         self.offset_rng.set_state(tensors["rng.offsets"])
+        self.average.load(st.get("averaged_steps", 0), tensors)
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         rows = slice(self.rank * self.batcher.rows_per_rank, (self.rank + 1) * self.batcher.rows_per_rank)
@@ -421,8 +429,9 @@ class Trainer(BudgetClock):
     def validate(self) -> float | None:
         if len(self.corpus.val) < 2:
             return None
-        nats, _ = evaluate(self.model, self.corpus.val, device=self.device, precision=self.precision,
-                           seq_len=max(self.cfg.seq_len, 128), ctx=self.dist)
+        with self.average.applied():
+            nats, _ = evaluate(self.model, self.corpus.val, device=self.device, precision=self.precision,
+                               seq_len=max(self.cfg.seq_len, 128), ctx=self.dist)
         return bits_per_char(nats)
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -456,15 +465,18 @@ class Trainer(BudgetClock):
                 "train_seconds": self.train_seconds, "best_val": self.best_val, "last_val": self.last_val,
                 "bad_evals": self.bad_evals, "elapsed": self._elapsed(),
                 "global_streams": self.batcher.n_streams, "world_size": self.world_size,
+                "averaged_steps": self.average.count,
             }
             tensors.update(gathered)
+            tensors.update(self.average.state_tensors())
             tensors["rng.offsets"] = self.offset_rng.get_state()
             if self.device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
         if not self.dist.is_main:
             return None
-        return ckpt.save_checkpoint(self.run_dir / which, model=self.model, vocab=self.corpus.vocab,
-                                    config=self._config_dict(), train_state=train_state, train_tensors=tensors)
+        with self.average.applied() if which == "best" else contextlib.nullcontext():
+            return ckpt.save_checkpoint(self.run_dir / which, model=self.model, vocab=self.corpus.vocab,
+                                        config=self._config_dict(), train_state=train_state, train_tensors=tensors)
 
     def _gathered_state(self) -> dict[str, torch.Tensor]:
         """Every process's RNG state and carried hidden rows, in global stream order."""
@@ -533,6 +545,10 @@ class Trainer(BudgetClock):
                     loss = self.train_step(x, y)
                     self.train_seconds += time.perf_counter() - t0
                     self.step += 1
+                    if cfg.average_last and self.progress() >= 1.0 - cfg.average_last:
+                        self.average.update()
+                    elif self.average.count:  # a resumed run's budget grew: average its new end instead
+                        self.average.reset()
                     self.batch_in_epoch += 1
                     self.train_chars += x.numel() * self.world_size
                     if self.batch_in_epoch == self.steps_per_epoch:
@@ -568,7 +584,8 @@ class Trainer(BudgetClock):
             self.schedule.observe(val)
             self.bad_evals = 0 if improved else self.bad_evals + 1
             self.best_val = val if improved else self.best_val
-            self._log({"val_bpc": round(val, 5), "best_val_bpc": round(self.best_val, 5)})
+            self._log({"val_bpc": round(val, 5), "best_val_bpc": round(self.best_val, 5),
+                       **({"averaged_steps": self.average.count} if self.average.count else {})})
             if self.cfg.patience and self.bad_evals >= self.cfg.patience and not stop_reason:
                 stop_reason = "early-stopping"
         if improved or val is None:

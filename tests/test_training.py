@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from charnn import TrainConfig, Trainer, train
 from charnn import checkpoint as ckpt
@@ -83,6 +84,37 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(small_corpus, tmp_pat
     assert vals(tmp_path / "split") == vals(whole.run_dir)
 
 
+def test_resume_inside_the_averaging_window_is_exact(small_corpus, tmp_path):
+    whole = train(tiny_config(small_corpus, tmp_path / "whole", max_steps=40))
+    with pytest.raises(TrainingInterrupted):
+        Trainer(tiny_config(small_corpus, tmp_path / "split", max_steps=40), on_log=_interrupt_at(35)).fit()
+    Trainer.resume(tmp_path / "split").fit()
+    records = [r for r in ckpt.read_metrics(whole.run_dir) if "val_bpc" in r]
+    assert [r.get("averaged_steps") for r in records][-2:] == [None, 9]  # steps 32..40 are averaged
+    vals = lambda d: [r["val_bpc"] for r in ckpt.read_metrics(d) if "val_bpc" in r]  # noqa: E731
+    assert vals(tmp_path / "split") == vals(whole.run_dir)
+    a = load_file(str(whole.run_dir / "best" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "best" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weight_average_is_the_mean_of_the_weights_it_saw():
+    from charnn.averaging import WeightAverage
+
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model)
+    seen = []
+    for k in range(4):
+        with torch.no_grad():
+            model.weight.fill_(float(k))
+        seen.append(model.weight.detach().clone())
+        average.update()
+    raw = model.weight.detach().clone()
+    with average.applied():
+        torch.testing.assert_close(model.weight.detach(), torch.stack(seen).mean(0))
+    assert torch.equal(model.weight.detach(), raw)  # swapped back
+
+
 def test_resume_across_epoch_boundary_with_time_extension(small_corpus, tmp_path):
     cfg = tiny_config(small_corpus, tmp_path / "run", max_steps=10, batch_size=16, seq_len=64)
     first = train(cfg)
@@ -98,7 +130,7 @@ def test_checkpoint_round_trip_gives_identical_logits(small_corpus, tmp_path):
     model, ck = load_language_model(trainer.run_dir, device="cpu")
     ids = torch.from_numpy(trainer.corpus.val[:200].astype(np.int64))[None]
     trainer.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), trainer.average.applied():  # the best model is the averaged one
         expected, _ = trainer.model(ids)
         got, _ = model(ids)
     assert torch.equal(expected, got)
@@ -169,6 +201,17 @@ def test_evaluation_streams_cover_every_target_once():
     for x, y, mask in eval_streams(data, n_streams=7, seq_len=16):
         seen.extend(y[mask].tolist())
     assert sorted(seen) == list(range(2, 1001))
+
+
+def test_evaluation_uses_few_long_streams_by_default():
+    from charnn.data import EVAL_STREAM_CHARS, MAX_EVAL_STREAMS, eval_stream_count
+
+    assert eval_stream_count(100) == 1
+    assert eval_stream_count(111_539) == 111_539 // EVAL_STREAM_CHARS == 6
+    assert eval_stream_count(10**9) == MAX_EVAL_STREAMS
+    data = np.arange(1, 50_001, dtype=np.int64)
+    x, _, _ = next(eval_streams(data, n_streams=None, seq_len=16))
+    assert x.shape[0] == eval_stream_count(len(data) - 1)
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ def fit_or_exit(trainer, command: str):
 @click.option("--warmup-steps", type=int, help="Linear learning-rate warmup.")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine", show_default=True,
               help="cosine: decay to the end of the budget; plateau: halve when validation stalls.")
+@click.option("--average-last", type=float, default=0.2, show_default=True,
+              help="Average the weights over this last fraction of the budget (the saved best model); 0 disables.")
 @click.option("--grad-accum", type=int, help="Micro-batches per step: global batch = processes x batch x K.  [default: 1]")
 @click.option("--max-epochs", type=float, help="Stop after this many passes over the training text.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
