@@ -64,7 +64,8 @@ TARGET_BPC = 2.5
 
 # Fixed for every row: the model size and the data pipeline.
 BASE = dict(layers=1, hidden=256, embed_dim=64, dropout=0.0, embed_dropout=0.0, tie_weights=False, forget_bias=1.0,
-            batch_size=32, seq_len=128, warmup_steps=100, schedule="cosine", val_fraction=0.1)
+            batch_size=32, seq_len=128, warmup_steps=100, schedule="cosine", val_fraction=0.1,
+            average_last=0.0)  # the rows score the weights being trained, not an average of them
 SGD = dict(optimizer="sgd", lr=1.0, momentum=0.0, nesterov=False)
 ADAM = dict(optimizer="adam", lr=2e-3)
 

@@ -355,11 +355,17 @@ class Trainer(BudgetClock):
         """
         source = ckpt.load_checkpoint(run_dir, which="last", with_train_state=True)
         cfg = TrainConfig.from_dict(source.config["training"])
+        if "average_last" not in source.config["training"]:
+            cfg.average_last = 0.0  # a run from before weight averaging goes on as it started
+        budget_before = (cfg.max_steps, cfg.max_epochs, cfg.time_budget)
         for key, value in (overrides or {}).items():
             if value is not None:
                 setattr(cfg, key, value)
         cfg.init_from = None
-        return cls(cfg, resume_from=source, **kwargs)
+        trainer = cls(cfg, resume_from=source, **kwargs)
+        if (cfg.max_steps, cfg.max_epochs, cfg.time_budget) != budget_before:
+            trainer.average.reset()  # a new budget has a new end to average over
+        return trainer
 
     def _restore(self, source: ckpt.Checkpoint) -> None:
         source.load_weights(self.model, self.device)
@@ -443,7 +449,8 @@ class Trainer(BudgetClock):
             "training": self.cfg.to_dict(),
             "summary": {
                 "step": self.step, "epoch": round(self._epoch_progress(), 4), "val_bpc": self.last_val,
-                "best_val_bpc": self.best_val, "train_chars": self.train_chars, "device": str(self.device),
+                "best_val_bpc": self.best_val, "averaged_steps": self.average.count,
+                "train_chars": self.train_chars, "device": str(self.device),
                 "precision": self.precision, "parameters": self.model.num_parameters(),
                 "corpus_chars": self.corpus.n_chars, "elapsed": round(self._elapsed(), 2),
             },
@@ -545,10 +552,6 @@ class Trainer(BudgetClock):
                     loss = self.train_step(x, y)
                     self.train_seconds += time.perf_counter() - t0
                     self.step += 1
-                    if cfg.average_last and self.progress() >= 1.0 - cfg.average_last:
-                        self.average.update()
-                    elif self.average.count:  # a resumed run's budget grew: average its new end instead
-                        self.average.reset()
                     self.batch_in_epoch += 1
                     self.train_chars += x.numel() * self.world_size
                     if self.batch_in_epoch == self.steps_per_epoch:
@@ -558,9 +561,10 @@ class Trainer(BudgetClock):
                         loss_all = self.dist.sum([loss], self.device)[0] / self.world_size
                         self._log({"train_loss": round(loss_all, 5), "lr": lr, "chars_per_sec": round(speed)})
                     bar.update(self._bar_text(loss, speed))
-                    interrupted, out_of_time, diverged = self.dist.any(
+                    interrupted, out_of_time, diverged, averaging = self.dist.any(
                         [stop.signum is not None, cfg.time_budget is not None and self._budget_spent() == "time",
-                         not math.isfinite(loss)], self.device)
+                         not math.isfinite(loss), self._in_averaging_window()], self.device)
+                    self._update_average(averaging)
                     budget = self._budget_spent()
                     stop_reason = "diverged" if diverged else "time" if out_of_time else budget if budget != "time" else None
                     if self.step % eval_every == 0 or self.batch_in_epoch == 0 or stop_reason:
@@ -575,6 +579,16 @@ class Trainer(BudgetClock):
                         break
         return TrainResult(self.run_dir, self.step, self._epoch_progress(), self.best_val, self.last_val,
                            self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(), stop_reason)
+
+    def _in_averaging_window(self) -> bool:
+        return bool(self.cfg.average_last) and self.progress() >= 1.0 - self.cfg.average_last
+
+    def _update_average(self, in_window: bool) -> None:
+        """Add this step's weights to the average inside the window (every process agrees on it)."""
+        if in_window:
+            self.average.update()
+        elif self.average.count:  # the budget grew after a resume: average the new end instead
+            self.average.reset()
 
     def _evaluate_and_save(self, stop_reason: str | None) -> str | None:
         val = self.validate()

@@ -120,6 +120,8 @@ def test_resume_across_epoch_boundary_with_time_extension(small_corpus, tmp_path
     first = train(cfg)
     again = Trainer.resume(first.run_dir, {"max_steps": 20}).fit()
     assert again.steps == 20 and sorted(losses(first.run_dir)) == list(range(1, 21))
+    last_eval = [r for r in ckpt.read_metrics(first.run_dir) if "val_bpc" in r][-1]
+    assert last_eval["averaged_steps"] == 5  # the new budget's last fifth (steps 16-20), not the old one's
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
