@@ -564,7 +564,8 @@ class Trainer(BudgetClock):
                     interrupted, out_of_time, diverged, averaging = self.dist.any(
                         [stop.signum is not None, cfg.time_budget is not None and self._budget_spent() == "time",
                          not math.isfinite(loss), self._in_averaging_window()], self.device)
-                    self._update_average(averaging)
+                    if averaging:  # every process agrees on the window, so their averages stay equal
+                        self.average.update()
                     budget = self._budget_spent()
                     stop_reason = "diverged" if diverged else "time" if out_of_time else budget if budget != "time" else None
                     if self.step % eval_every == 0 or self.batch_in_epoch == 0 or stop_reason:
@@ -582,13 +583,6 @@ class Trainer(BudgetClock):
 
     def _in_averaging_window(self) -> bool:
         return bool(self.cfg.average_last) and self.progress() >= 1.0 - self.cfg.average_last
-
-    def _update_average(self, in_window: bool) -> None:
-        """Add this step's weights to the average inside the window (every process agrees on it)."""
-        if in_window:
-            self.average.update()
-        elif self.average.count:  # the budget grew after a resume: average the new end instead
-            self.average.reset()
 
     def _evaluate_and_save(self, stop_reason: str | None) -> str | None:
         val = self.validate()

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from charnn import TrainConfig, Trainer, train
 from charnn import checkpoint as ckpt
 from charnn.cli import main
-from charnn.data import StreamBatcher, eval_streams
+from charnn.data import StreamBatcher, eval_streams, load_corpus
 from charnn.errors import CharnnError
 from charnn.lm import load_language_model
-from charnn.training import TrainingInterrupted
+from charnn.model import bits_per_char
+from charnn.training import TrainingInterrupted, evaluate
 from charnn.vocab import UNK_ID, Vocabulary
 
 
@@ -96,6 +97,10 @@ def test_resume_inside_the_averaging_window_is_exact(small_corpus, tmp_path):
     a = load_file(str(whole.run_dir / "best" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "best" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, ck = load_language_model(whole.run_dir, device="cpu")  # the averaged weights are what was scored
+    corpus = load_corpus([str(small_corpus)], vocab=ck.vocab, progress=False)
+    nats, _ = evaluate(model, corpus.val, seq_len=128)
+    assert bits_per_char(nats) == pytest.approx(records[-1]["val_bpc"], abs=1e-5)
 
 
 def test_weight_average_is_the_mean_of_the_weights_it_saw():
