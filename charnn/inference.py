@@ -324,6 +324,31 @@ class Stepper:
             with torch.no_grad():
                 self._prepare_weights()
 
+    def native(self, precision: str = "auto", rows: int = 1):
+        """The C generation kernel (:mod:`charnn.native`) for this model and ``precision``, made once and
+        kept; None where it cannot run (no compiler, not the NumPy fast path, or ``precision`` fp32/auto
+        without it). Sized for at least ``rows`` rows."""
+        from . import native as nat  # noqa: PLC0415
+
+        if not self.fast or self.ops.name != "numpy" or nat.library() is None:
+            return None
+        precision = nat.resolve_precision(precision)
+        engines = self.__dict__.setdefault("_native", {})
+        key = (precision, os.getpid())  # a forked child has no copy of the parent's worker thread
+        engine = engines.get(key)
+        if engine is None or engine.max_rows < rows:
+            engine = engines[key] = nat.NativeGenerator(self, precision, max_rows=max(nat.DEFAULT_ROWS, rows))
+        return engine
+
+    def native_unavailable_reason(self) -> str | None:
+        from . import native as nat  # noqa: PLC0415
+
+        if not self.fast:
+            return "the model uses charnn's own cell (gate slope or layer norm)"
+        if self.ops.name != "numpy":
+            return f"the model runs on {self.device}, not the CPU"
+        return nat.unavailable_reason()
+
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size

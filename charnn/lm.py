@@ -132,22 +132,25 @@ class LanguageModel:
 
     def generate(self, seed: str | None = None, length: int = 200, temperature: float = 1.0, *,
                  top_k: int | None = None, top_p: float | None = None, stop=(), random_seed: int | None = None,
-                 allow_unknown: bool = False, strict: bool = False) -> str:
+                 allow_unknown: bool = False, strict: bool = False, precision: str = "auto") -> str:
         """The continuation of ``seed`` (not including it): ``length`` characters, or fewer at a ``stop`` string.
 
         ``temperature`` 0 is greedy; ``top_k``/``top_p`` restrict the draw to
         the likeliest characters; the same ``random_seed`` gives the same text.
-        No seed: generation starts after a newline.
+        No seed: generation starts after a newline. ``precision``: the CPU
+        kernel's arithmetic (``auto``, ``fp32`` or ``bf16``; see :mod:`charnn.native`).
         """
         return self.sample(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
-                           random_seed=random_seed, allow_unknown=allow_unknown, strict=strict, logprobs=False)[0].text
+                           random_seed=random_seed, allow_unknown=allow_unknown, strict=strict, logprobs=False,
+                           precision=precision)[0].text
 
     def stream(self, seed: str | None = None, length: int = 200, temperature: float = 1.0, *,
                top_k: int | None = None, top_p: float | None = None, stop=(), random_seed: int | None = None,
-               allow_unknown: bool = False, strict: bool = False) -> Iterator[str]:
+               allow_unknown: bool = False, strict: bool = False, precision: str = "auto") -> Iterator[str]:
         """Like :meth:`generate`, yielding the characters as they are produced."""
         run = self.sampler(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
-                           random_seed=random_seed, allow_unknown=allow_unknown, strict=strict, logprobs=False)
+                           random_seed=random_seed, allow_unknown=allow_unknown, strict=strict, logprobs=False,
+                           precision=precision)
         for _, piece in run:
             yield from piece
 

@@ -41,10 +41,13 @@ import torch
 
 from .errors import CharnnError
 from .inference import Stepper, blas_threads
+from .native import PRECISIONS
 from .vocab import UNK_ID, Vocabulary
 
 DEFAULT_SEED = "\n"  # what generation starts from when no seed is given
 DRAW_BLOCK = 256  # uniform numbers drawn per sample at a time
+NATIVE_BLOCKS = (8, 32, 128, 512)  # characters per native-kernel call: small first (streaming starts at once), then larger
+STREAM_BLOCK_SECONDS = 0.03  # when streaming, native calls stay this short, so text keeps flowing with large models
 
 
 class UnknownCharacterWarning(UserWarning):
@@ -64,6 +67,7 @@ class SamplingOptions:
     random_seed: int | None = None  # None: a fresh random one (reported in each Sample)
     allow_unknown: bool = False
     logprobs: bool = True  # track each sample's average log-probability
+    precision: str = "auto"  # CPU generation kernel: auto (bf16 where the CPU has it), fp32 or bf16; see charnn.native
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -79,6 +83,7 @@ class SamplingOptions:
             (self.random_seed is None or (_is_int(self.random_seed) and self.random_seed >= 0),
              f"--random-seed must be a non-negative integer, got {self.random_seed}"),
             (all(isinstance(s, str) and s for s in stop), "--stop strings must be non-empty"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -230,6 +235,7 @@ class SampleRun:
         self.elapsed = 0.0  # seconds for the whole run, reading the seed included
         self.prime_seconds = 0.0  # of which reading the seed
         self.steps = 0
+        self.engine: str | None = None  # what generated: native-bf16, native-fp32, numpy, torch or model
 
     def _stop_ids(self, stops: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
         usable = []
@@ -265,6 +271,78 @@ class SampleRun:
         return logits, state
 
     def _generate(self, stream: bool):
+        engine = self.stepper.native(self.options.precision, rows=self.options.num_samples) if self.options.length else None
+        if engine is not None:
+            yield from self._generate_native(engine, stream)
+            return
+        if self.options.precision == "bf16":
+            raise CharnnError("--precision bf16 needs the native CPU kernel, which is unavailable here "
+                              f"({self.stepper.native_unavailable_reason()}); use --precision fp32")
+        self.engine = "numpy" if self.stepper.backend == "numpy" else self.stepper.backend
+        yield from self._generate_stepper(stream)
+
+    def _generate_native(self, engine, stream: bool):
+        """The loop in C (``charnn.native``), a block of characters per call; stops and streaming per block."""
+        o = self.options
+        n, length = o.num_samples, o.length
+        start = time.perf_counter()
+        self.engine = f"native-{engine.precision}"
+        c = Chooser(o, self.stepper.vocab_size)
+        options = np.array([c.inv_temperature or 1.0, c.top_k or 0, c.top_p or 1.0, c.ban_unknown, c.greedy], dtype=np.float64)
+        rngs = [np.random.default_rng(s) for s in self.random_seeds]
+        out = np.zeros((length, n), dtype=np.intp)
+        lps = np.zeros((length, n)) if o.logprobs else None
+        end = np.full(n, length)
+        hit: list[str | None] = [None] * n
+        emitted = [0] * n
+        rows = np.arange(n)
+        logits, state = self._prime()
+        self.prime_seconds = time.perf_counter() - start
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        h, cs = engine._state_arrays(state)
+        t, calls, per_char = 0, 0, 0.0
+        while t < length:
+            T = NATIVE_BLOCKS[min(calls, len(NATIVE_BLOCKS) - 1)]
+            if stream and per_char > 0:  # a streamed block takes at most STREAM_BLOCK_SECONDS
+                T = max(NATIVE_BLOCKS[0], min(T, int(STREAM_BLOCK_SECONDS / per_char)))
+            T = min(T, length - t)
+            calls += 1
+            uniforms = None if c.greedy else np.stack([rngs[r].random(T) for r in rows], axis=1)
+            began = time.perf_counter()
+            ids, block_lps = engine.generate(logits, h, cs, T, uniforms, options, logprobs=lps is not None,
+                                             step_last=t + T < length)
+            per_char = (time.perf_counter() - began) / T
+            out[t:t + T, rows] = ids
+            if lps is not None:
+                lps[t:t + T, rows] = block_lps
+            self.steps += T if t + T < length else T - 1
+            live = rows
+            if self.stops:
+                for tt in range(t, t + T):
+                    keep = self._check_stops(out, tt, live, end, hit)
+                    if keep is not None:
+                        live = live[keep]
+                        if not len(live):
+                            break
+            if stream:  # the block's characters, position by position, as the step loop would give them
+                for tt in range(t, t + T):
+                    yield from self._pieces(out, tt, rows, end, emitted)
+            t += T
+            if len(live) < len(rows):
+                if not len(live):
+                    break
+                pos = np.flatnonzero(np.isin(rows, live))
+                logits = np.ascontiguousarray(logits[pos])
+                h, cs = np.ascontiguousarray(h[:, pos]), np.ascontiguousarray(cs[:, pos])
+                rows = live
+        if stream:
+            for r in range(n):
+                if end[r] > emitted[r]:
+                    yield int(r), self._decode(out[emitted[r]:end[r], r])
+        self.elapsed = time.perf_counter() - start
+        self.samples = [self._sample(r, out, lps, end, hit) for r in range(n)]
+
+    def _generate_stepper(self, stream: bool):
         o, stepper = self.options, self.stepper
         n, length = o.num_samples, o.length
         start = time.perf_counter()

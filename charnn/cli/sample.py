@@ -35,8 +35,11 @@ def _stderr(message: str) -> None:
 @click.option("--allow-unknown", is_flag=True, help="Let the model generate its unknown symbol.")
 @click.option("--hide-seed", is_flag=True, help="Print only the generated text, not the seed before it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu (fastest for small models), cuda, mps or auto.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="CPU generation arithmetic: bf16 weights (as charnn trains on CPUs; auto where the CPU has "
+                   "bf16 instructions) or fp32.")
 def sample_cmd(checkpoint, seed_text, length, temperature, top_k, top_p, num_samples, stop, random_seed, fmt, as_json,
-               last, strict, allow_unknown, hide_seed, device):
+               last, strict, allow_unknown, hide_seed, device, precision):
     """Generate text from a trained model (CHECKPOINT: a run or checkpoint directory; default: the latest run).
 
     Characters stream to the terminal as they are produced. Several samples
@@ -55,7 +58,7 @@ def sample_cmd(checkpoint, seed_text, length, temperature, top_k, top_p, num_sam
     fmt = "json" if as_json else fmt
     options = SamplingOptions(length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop,
                               num_samples=num_samples, random_seed=random_seed, allow_unknown=allow_unknown,
-                              logprobs=fmt == "json")
+                              logprobs=fmt == "json", precision=precision)
     which = "last" if last else "best"
     if checkpoint is None:
         checkpoint = ckpt.resolve_checkpoint(None, which)
@@ -120,7 +123,8 @@ def _print_json(run, lm, checkpoint) -> None:
         "seed": run.seed,
         "options": {"length": o.length, "temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p,
                     "stop": list(o.stop), "num_samples": o.num_samples, "random_seed": run.base_seed,
-                    "allow_unknown": o.allow_unknown},
+                    "allow_unknown": o.allow_unknown, "precision": o.precision},
+        "engine": run.engine,
         "samples": [s.to_dict() for s in samples],
         "chars_generated": run.chars_generated,
         "elapsed_s": run.elapsed,
