@@ -43,6 +43,7 @@ CFLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
 CELL_CODES = {"lstm": 0, "gru": 1, "rnn": 2}
 PRECISIONS = ("auto", "fp32", "bf16")
 NPARTS = 2  # must match generate.c
+PANEL = 64  # columns per weight panel, as generate.c's kernels read them
 MAX_VOCAB = 4096  # must match generate.c's MAXV
 MAX_LAYERS = 16
 DEFAULT_ROWS = 256  # rows a generator is sized for unless asked for more
@@ -161,6 +162,12 @@ def _bf16_pairs(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rounded.reshape(-1, 2, N).transpose(0, 2, 1))
 
 
+def _panels(w: np.ndarray) -> np.ndarray:
+    """Columns in panels of PANEL, each stored whole (all its rows) before the next, so the kernel
+    streams every panel contiguously; works on (K, N) floats and (K/2, N, 2) bf16 pairs alike."""
+    return np.concatenate([np.ascontiguousarray(w[:, j:j + PANEL]).reshape(-1) for j in range(0, w.shape[1], PANEL)])
+
+
 class NativeGenerator:
     """A frozen :class:`~charnn.inference.Stepper`'s weights in the C kernel's layout.
 
@@ -204,11 +211,12 @@ class NativeGenerator:
         if self.precision == "bf16":
             w = _bf16_pairs(w)
             k = 2 * w.shape[0]
+        w = _panels(w)
         self._keep.append(w)
         return w.ctypes.data, k, n  # k: rows as the kernel reads them (even for bf16 pairs)
 
     def _load_weights(self, vp: int) -> None:
-        s, H, L = self.stepper, self.hidden, self.layers
+        s, L = self.stepper, self.layers
         parts = s._get_parts(NPARTS)
         for p, part in enumerate(parts):
             units = part.units
@@ -231,7 +239,7 @@ class NativeGenerator:
             self._keep += [table, shapes, mats]
             self.lib.cn_set_part(self._ctx, p, units.start, units.stop - units.start, table.ctypes.data,
                                  ctypes.cast(mats, ctypes.c_void_p), shapes.ctypes.data)
-        w_out = _pad_cols(np.asarray(s._w_out, dtype=np.float32), vp)
+        w_out = _panels(_pad_cols(np.asarray(s._w_out, dtype=np.float32), vp))
         self._keep.append(w_out)
         self.lib.cn_set_head(self._ctx, w_out.ctypes.data)
 

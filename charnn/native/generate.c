@@ -27,12 +27,13 @@
 
 #define MAXL 16
 #define NPARTS 2
+#define PANEL 64  /* weight columns per panel; charnn/native/__init__.py packs them so */
 #define MAXV 4096
 enum { LSTM = 0, GRU = 1, RNN = 2 };
 enum { FP32 = 0, BF16 = 1 };
 
-typedef struct {         /* a weight matrix (K rows of inputs) x (N outputs), row-major */
-    const void *w;       /* fp32: K x N floats; bf16: K/2 x N x 2 halves (input pairs interleaved) */
+typedef struct {         /* a weight matrix (K rows of inputs) x (N outputs), in panels of 64 columns */
+    const void *w;       /* per panel of width w (64, the last one less): fp32 K x w floats; bf16 K/2 x w x 2 halves */
     int K, N;            /* K even for bf16; N a multiple of 16 */
 } mat_t;
 
@@ -62,7 +63,8 @@ struct ctx {
     const float *w_out;          /* (H + 1) x VP, fp32 */
     /* scratch (sized for max_rows rows) */
     int max_rows;
-    float *xin[NPARTS], *gates[NPARTS], *gates2[NPARTS], *hn, *cn;
+    float *xin[NPARTS], *gates[NPARTS], *gates2[NPARTS], *hn, *cn, *logits1;
+    int64_t *ids1;                                            /* the worker's own logits and choices */
     uint32_t *xbf[NPARTS], *xbf2[NPARTS];
     /* the worker thread */
     int workers;
@@ -124,7 +126,7 @@ static void tanh_n(const ctx_t *cx, float *x, int n) {
                 acc[r][q] = init ? _mm512_loadu_ps(Y + (size_t)(b0 + r) * ldy + j0 + 16 * q)       \
                                  : _mm512_setzero_ps();                                            \
         for (int i = 0; i < K; i++) {                                                              \
-            const float *w = W + (size_t)i * N + j0;                                               \
+            const float *w = Wp + (size_t)i * width;                                               \
             __m512 wv[NC];                                                                         \
             for (int q = 0; q < NC; q++) wv[q] = _mm512_loadu_ps(w + 16 * q);                      \
             for (int r = 0; r < RB; r++) {                                                         \
@@ -144,7 +146,7 @@ static void tanh_n(const ctx_t *cx, float *x, int n) {
                 acc[r][q] = init ? _mm512_loadu_ps(Y + (size_t)(b0 + r) * ldy + j0 + 16 * q)       \
                                  : _mm512_setzero_ps();                                            \
         for (int i = 0; i < K / 2; i++) {                                                          \
-            const uint16_t *w = W + ((size_t)i * N + j0) * 2;                                      \
+            const uint16_t *w = Wp + (size_t)i * width * 2;                                       \
             __m512bh wv[NC];                                                                       \
             for (int q = 0; q < NC; q++) wv[q] = (__m512bh)_mm512_loadu_si512(w + 32 * q);         \
             for (int r = 0; r < RB; r++) {                                                         \
@@ -156,11 +158,14 @@ static void tanh_n(const ctx_t *cx, float *x, int n) {
             for (int q = 0; q < NC; q++) _mm512_storeu_ps(Y + (size_t)(b0 + r) * ldy + j0 + 16 * q, acc[r][q]); \
     } while (0)
 
+/* Panels of PANEL columns (each stored whole, see _panels in Python), in tiles of up to 4 rows by the
+ * panel's 64 columns. Every output is one chain of multiply-adds over the inputs in order, whatever the tile. */
 #define DISPATCH(TILE)                                                                             \
-    for (int j0 = 0; j0 < N; j0 += 64) {                                                           \
-        int nc = (N - j0) / 16; if (nc > 4) nc = 4;                                                \
+    for (int j0 = 0; j0 < N; j0 += PANEL) {                                                        \
+        const int nc = (N - j0) / 16 < 4 ? (N - j0) / 16 : 4, width = 16 * nc;  /* row stride */   \
+        const TW *Wp = W + (size_t)j0 * K;                                                         \
         for (int b0 = 0; b0 < B; b0 += 4) {                                                        \
-            int rb = B - b0; if (rb > 4) rb = 4;                                                   \
+            const int rb = B - b0 < 4 ? B - b0 : 4;                                                \
             switch (rb * 8 + nc) {                                                                 \
             case 9: TILE(1, 1); break; case 10: TILE(1, 2); break; case 11: TILE(1, 3); break; case 12: TILE(1, 4); break; \
             case 17: TILE(2, 1); break; case 18: TILE(2, 2); break; case 19: TILE(2, 3); break; case 20: TILE(2, 4); break; \
@@ -172,11 +177,13 @@ static void tanh_n(const ctx_t *cx, float *x, int n) {
 
 __attribute__((target("avx512f")))
 static void matmul_fp32_avx512(int B, int K, const float *X, int ldx, const float *W, int N, float *Y, int ldy, int init) {
+    typedef float TW;
     DISPATCH(TILE_FP32)
 }
 
 __attribute__((target("avx512f,avx512bf16")))
 static void matmul_bf16_avx512(int B, int K, const uint32_t *X, int ldx, const uint16_t *W, int N, float *Y, int ldy, int init) {
+    typedef uint16_t TW;
     DISPATCH(TILE_BF16)
 }
 
@@ -184,10 +191,14 @@ static void matmul_fp32_plain(int B, int K, const float *X, int ldx, const float
     for (int b = 0; b < B; b++) {
         float *y = Y + (size_t)b * ldy;
         if (!init) memset(y, 0, sizeof(float) * (size_t)N);
-        for (int i = 0; i < K; i++) {
-            const float xi = X[(size_t)b * ldx + i];
-            const float *w = W + (size_t)i * N;
-            for (int j = 0; j < N; j++) y[j] += xi * w[j];
+        for (int j0 = 0; j0 < N; j0 += PANEL) {
+            const int width = N - j0 < PANEL ? N - j0 : PANEL;
+            const float *Wp = W + (size_t)j0 * K;
+            for (int i = 0; i < K; i++) {
+                const float xi = X[(size_t)b * ldx + i];
+                const float *w = Wp + (size_t)i * width;
+                for (int j = 0; j < width; j++) y[j0 + j] += xi * w[j];
+            }
         }
     }
 }
@@ -228,11 +239,13 @@ static void matmul(const ctx_t *cx, int part, int B, const float *X, int ldx, co
 }
 
 /* -- one layer of one part ---------------------------------------------------------------------- */
-static void part_layer(ctx_t *cx, const job_t *jb, int p, int k, const int64_t *ids) {
+typedef struct { const float *h, *c; float *hn, *cn; } states_t;  /* a step's old and new state (L x B x H) */
+
+static void part_layer(ctx_t *cx, const job_t *jb, int p, int k, const int64_t *ids, const states_t *st) {
     const part_t *pt = &cx->parts[p];
     const int B = jb->B, H = cx->H, U = pt->units, u0 = pt->units0;
-    float *hk = jb->h + (size_t)k * B * H;                 /* old state of layer k */
-    float *hn = cx->hn + (size_t)k * B * H;                /* new state of layer k */
+    const float *hk = st->h + (size_t)k * B * H;           /* old state of layer k */
+    float *hn = st->hn + (size_t)k * B * H;                /* new state of layer k */
     float *x = cx->xin[p], *g = cx->gates[p];
     const mat_t *rec = &pt->rec[k];
     const int N = rec->N, KX = rec->K;
@@ -254,7 +267,7 @@ static void part_layer(ctx_t *cx, const job_t *jb, int p, int k, const int64_t *
             float *xi = cx->xin[p] + (size_t)B * KX;
             for (int b = 0; b < B; b++) {
                 float *xr = xi + (size_t)b * KI;
-                memcpy(xr, cx->hn + (size_t)(k - 1) * B * H + (size_t)b * H, sizeof(float) * H);
+                memcpy(xr, st->hn + (size_t)(k - 1) * B * H + (size_t)b * H, sizeof(float) * H);
                 xr[H] = 1.0f;
                 for (int i = H + 1; i < KI; i++) xr[i] = 0.0f;
             }
@@ -289,7 +302,7 @@ static void part_layer(ctx_t *cx, const job_t *jb, int p, int k, const int64_t *
     } else {
         for (int b = 0; b < B; b++) {                       /* [x, h, 1] */
             float *xr = x + (size_t)b * KX;
-            memcpy(xr, cx->hn + (size_t)(k - 1) * B * H + (size_t)b * H, sizeof(float) * H);
+            memcpy(xr, st->hn + (size_t)(k - 1) * B * H + (size_t)b * H, sizeof(float) * H);
             memcpy(xr + H, hk + (size_t)b * H, sizeof(float) * H);
             xr[2 * H] = 1.0f;
             for (int i = 2 * H + 1; i < KX; i++) xr[i] = 0.0f;
@@ -304,8 +317,8 @@ static void part_layer(ctx_t *cx, const job_t *jb, int p, int k, const int64_t *
             else { tanh_n(cx, gr, U); memcpy(hnew, gr, sizeof(float) * U); }
             continue;
         }
-        const float *cold = jb->c + (size_t)k * B * H + (size_t)b * H + u0;
-        float *cnew = cx->cn + (size_t)k * B * H + (size_t)b * H + u0;
+        const float *cold = st->c + (size_t)k * B * H + (size_t)b * H + u0;
+        float *cnew = st->cn + (size_t)k * B * H + (size_t)b * H + u0;
         tanh_n(cx, gr, 4 * U);
         for (int j = 0; j < 3 * U; j++) gr[j] = gr[j] * 0.5f + 0.5f;  /* sigmoid(x) = (1 + tanh(x / 2)) / 2 */
         float *i_ = gr, *f_ = gr + U, *o_ = gr + 2 * U, *g_ = gr + 3 * U;
@@ -330,50 +343,69 @@ static void barrier(ctx_t *cx) {
     }
 }
 
-static void choose_all(ctx_t *cx, job_t *jb, int t);
+static int choose_all(ctx_t *cx, job_t *jb, int t, const float *logits, int64_t *ids, double *lps);
 
-/* One step of every row: layers, then (caller only) the output layer. */
-static void step_parts(ctx_t *cx, job_t *jb, int self, const int64_t *ids) {
+/* One step of every row: every layer, each part on its thread, a barrier after each layer. */
+static void step_parts(ctx_t *cx, job_t *jb, int self, const int64_t *ids, const states_t *st) {
     for (int k = 0; k < cx->L; k++) {
         if (cx->workers < 2) {
-            for (int p = 0; p < NPARTS; p++) part_layer(cx, jb, p, k, ids);
+            for (int p = 0; p < NPARTS; p++) part_layer(cx, jb, p, k, ids, st);
         } else {
-            part_layer(cx, jb, self, k, ids);
+            part_layer(cx, jb, self, k, ids, st);
             barrier(cx);
         }
     }
 }
 
-static void finish_step(ctx_t *cx, job_t *jb) {  /* caller: new state in place, logits of the top layer */
-    const int B = jb->B, H = cx->H, V = cx->V, VP = cx->VP;
-    size_t n = (size_t)cx->L * B * H;
-    memcpy(jb->h, cx->hn, sizeof(float) * n);
-    if (cx->cell == LSTM) memcpy(jb->c, cx->cn, sizeof(float) * n);
-    float *x = cx->xin[0], *y = cx->gates[0];
-    const float *top = jb->h + (size_t)(cx->L - 1) * B * H;
+/* logits (B x V) of the top layer of state h; thread self's scratch */
+static void output_layer(ctx_t *cx, int B, int self, const float *h, float *logits) {
+    const int H = cx->H, V = cx->V, VP = cx->VP;
+    float *x = cx->xin[self], *y = cx->gates[self];
+    const float *top = h + (size_t)(cx->L - 1) * B * H;
     for (int b = 0; b < B; b++) {
         memcpy(x + (size_t)b * (H + 1), top + (size_t)b * H, sizeof(float) * H);
         x[(size_t)b * (H + 1) + H] = 1.0f;
     }
     mat_t head = { cx->w_out, H + 1, VP };
-    matmul(cx, 0, B, x, H + 1, &head, y, VP, 0, 0, FP32);  /* the output layer stays fp32 */
-    for (int b = 0; b < B; b++) memcpy(jb->logits + (size_t)b * V, y + (size_t)b * VP, sizeof(float) * V);
+    matmul(cx, self, B, x, H + 1, &head, y, VP, 0, 0, FP32);  /* the output layer stays fp32 */
+    for (int b = 0; b < B; b++) memcpy(logits + (size_t)b * V, y + (size_t)b * VP, sizeof(float) * V);
 }
 
-/* the whole call, from one thread's point of view (self 0: the caller) */
+/* The whole call, from one thread's point of view (self 0: the caller, 1: the worker).
+ * The state alternates between the caller's arrays and the context's (no copies per step); both
+ * threads compute the output layer and the choice themselves (the same arithmetic, so the same
+ * characters), which saves a barrier per step; only the caller writes results. */
 static void run_job(ctx_t *cx, job_t *jb, int self) {
+    const int B = jb->B;
+    float *hb[2] = { jb->h, cx->hn }, *cb[2] = { jb->c, cx->cn };
+    int cur = 0;
+    float *logits = self == 0 ? jb->logits : cx->logits1;
+    if (self) memcpy(logits, jb->logits, sizeof(float) * (size_t)B * cx->V);
     if (cx->step_only) {
-        step_parts(cx, jb, self, jb->first_ids);  /* ends with a barrier: every part is done */
-        if (self == 0) finish_step(cx, jb);
-        return;
+        states_t st = { hb[0], cb[0], hb[1], cb[1] };
+        step_parts(cx, jb, self, jb->first_ids, &st);
+        cur = 1;
+    } else {
+        for (int t = 0; t < jb->T; t++) {
+            int64_t *ids = self == 0 ? jb->ids_out + (size_t)t * B : cx->ids1;
+            if (choose_all(cx, jb, t, logits, ids, self == 0 ? jb->lp_out : NULL) != 0) {
+                if (self == 0) jb->error = 1;
+                break;
+            }
+            if (t + 1 == jb->T && !jb->step_last) break;
+            states_t st = { hb[cur], cb[cur], hb[1 - cur], cb[1 - cur] };
+            step_parts(cx, jb, self, ids, &st);
+            cur = 1 - cur;
+            if (cx->workers > 1 || self == 0) output_layer(cx, B, self, hb[cur], logits);
+        }
     }
-    for (int t = 0; t < jb->T; t++) {
-        if (self == 0) choose_all(cx, jb, t);
-        barrier(cx);                                         /* ids of step t are known, or an error */
-        if (jb->error) return;
-        if (t + 1 == jb->T && !jb->step_last) return;
-        step_parts(cx, jb, self, jb->ids_out + (size_t)t * jb->B);  /* ends with a barrier */
-        if (self == 0) finish_step(cx, jb);
+    if (self == 0) {
+        if (cx->step_only) output_layer(cx, B, 0, hb[cur], logits);
+        if (cur == 1) {                                      /* the final state into the caller's arrays */
+            size_t n = (size_t)cx->L * B * cx->H;
+            memcpy(jb->h, cx->hn, sizeof(float) * n);
+            if (cx->cell == LSTM) memcpy(jb->c, cx->cn, sizeof(float) * n);
+        }
     }
 }
 
@@ -420,7 +452,17 @@ static int cmp_desc(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-static int choose_row(const job_t *jb, const float *logits, int V, double u, float *z, float *tmp, int *order) {
+__attribute__((target("avx512f")))
+static void exp_shift_avx512(float *z, int n, float m) {   /* z = exp(z - m), z <= m */
+    const __m512 mv = _mm512_set1_ps(m);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(z + i, k, exp_neg512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, z + i), mv)));
+    }
+}
+
+static int choose_row(const ctx_t *cx, const job_t *jb, const float *logits, int V, double u, float *z, float *tmp,
+                      int *order) {
     int lo = jb->ban_unknown ? 1 : 0;
     if (jb->greedy) {
         int best = lo;
@@ -438,7 +480,8 @@ static int choose_row(const job_t *jb, const float *logits, int V, double u, flo
     }
     float m = z[0];
     for (int i = 1; i < V; i++) if (z[i] > m) m = z[i];
-    for (int i = 0; i < V; i++) z[i] = expf(z[i] - m);
+    if (cx->avx512) exp_shift_avx512(z, V, m);
+    else for (int i = 0; i < V; i++) z[i] = expf(z[i] - m);
     if (jb->top_p < 1.0) {
         double total = 0;
         for (int i = 0; i < V; i++) total += z[i];
@@ -470,23 +513,24 @@ static int choose_row(const job_t *jb, const float *logits, int V, double u, flo
     return id;
 }
 
-static void choose_all(ctx_t *cx, job_t *jb, int t) {
+static int choose_all(ctx_t *cx, job_t *jb, int t, const float *logits, int64_t *ids, double *lps) {
     const int B = jb->B, V = cx->V;
-    float z[MAXV], tmp[MAXV];
+    float z[MAXV + 16], tmp[MAXV];
     int order[MAXV];
     for (int b = 0; b < B; b++) {
-        const float *lg = jb->logits + (size_t)b * V;
+        const float *lg = logits + (size_t)b * V;
         double u = jb->uniforms ? jb->uniforms[(size_t)t * B + b] : 0.0;
-        int id = choose_row(jb, lg, V, u, z, tmp, order);
-        if (id < 0) { jb->error = 1; return; }
-        jb->ids_out[(size_t)t * B + b] = id;
-        if (jb->lp_out) {                                   /* log-probability under the raw model */
+        int id = choose_row(cx, jb, lg, V, u, z, tmp, order);
+        if (id < 0) return -1;
+        ids[b] = id;
+        if (lps) {                                          /* log-probability under the raw model */
             double mx = lg[0], s = 0;
             for (int i = 1; i < V; i++) if (lg[i] > mx) mx = lg[i];
             for (int i = 0; i < V; i++) s += exp((double)lg[i] - mx);
-            jb->lp_out[(size_t)t * B + b] = (double)lg[id] - (mx + log(s));
+            lps[(size_t)t * B + b] = (double)lg[id] - (mx + log(s));
         }
     }
+    return 0;
 }
 
 /* -- the interface ------------------------------------------------------------------------------ */
@@ -518,6 +562,8 @@ ctx_t *cn_create(const int *dims) {
     }
     cx->hn = malloc(sizeof(float) * R * H * cx->L);
     cx->cn = malloc(sizeof(float) * R * H * cx->L);
+    cx->logits1 = malloc(sizeof(float) * R * cx->V);
+    cx->ids1 = malloc(sizeof(int64_t) * R);
     pthread_mutex_init(&cx->call_lock, NULL);
     pthread_mutex_init(&cx->sleep_lock, NULL);
     pthread_cond_init(&cx->wake, NULL);
@@ -547,7 +593,7 @@ void cn_destroy(ctx_t *cx) {
         pthread_join(cx->thread, NULL);
     }
     for (int p = 0; p < NPARTS; p++) { free(cx->xin[p]); free(cx->gates[p]); free(cx->gates2[p]); free(cx->xbf[p]); free(cx->xbf2[p]); }
-    free(cx->hn); free(cx->cn);
+    free(cx->hn); free(cx->cn); free(cx->logits1); free(cx->ids1);
     free(cx);
 }
 
