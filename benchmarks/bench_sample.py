@@ -5,8 +5,12 @@ The model is the default CPU model (``--preset small``: 2x256 LSTM, embedding
 what the weights say. Everything is measured in this one invocation:
 
 * ``charnn``: ``LanguageModel.sample`` -- the path ``charnn sample`` takes:
-  the seed primed in one pass, then :class:`charnn.inference.Stepper` steps,
-  temperature sampling, stop-string checks and decoding;
+  the seed primed in one pass, then the native kernel (``charnn.native``:
+  the step and the temperature draw in C, bf16 weights where the CPU has
+  bf16 dot products) for blocks of characters, stop-string checks and
+  decoding; also with ``precision="fp32"`` (``charnn, fp32 kernel``) and with
+  the native kernel switched off (``charnn, NumPy stepper``: the
+  :class:`charnn.inference.Stepper` loop, the path without a C compiler);
 * ``charnn stepper``: ``Stepper.step_arrays`` alone (the per-step cost): BLAS
   on one thread; batches of ``PART_ROWS`` rows or more split by hidden units
   into parts run on parallel threads when that is faster; for comparison,
@@ -20,7 +24,9 @@ what the weights say. Everything is measured in this one invocation:
 * ``naive``: per character, the whole model over the whole text so far.
 
 Each figure is the best of ``--repeats`` runs (the machine is shared); the
-naive loop, orders of magnitude slower, runs once.
+naive loop, orders of magnitude slower, runs once. ``--checkpoint`` adds a
+check that bf16 generation does not change a trained model: its bits per
+character on the last 10% of ``--text`` through each engine's step.
 Usage::
 
     flock /tmp/charnn-bench.lock python benchmarks/bench_sample.py [--json]
@@ -30,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,11 +114,54 @@ def naive(model: CharRNN, batch: int, length: int) -> None:
 PRIME = {}  # the last charnn run's (prime seconds, steps) per batch
 
 
-def charnn_sample(lm: LanguageModel, batch: int, length: int) -> None:
-    run = lm.sampler("\n", num_samples=batch, length=length, random_seed=0, logprobs=False)
-    samples = run.run()
+ENGINES = {}  # what generated each charnn row: native-bf16, native-fp32 or numpy
+
+
+def charnn_sample(lm: LanguageModel, batch: int, length: int, precision: str = "auto", numpy: bool = False,
+                  method: str = "charnn") -> None:
+    """``LanguageModel.sample`` as ``charnn sample`` runs it; ``numpy``: with the native kernel switched off."""
+    native = lm.stepper.native
+    if numpy:
+        lm.stepper.native = lambda *a, **k: None
+    try:
+        run = lm.sampler("\n", num_samples=batch, length=length, random_seed=0, logprobs=False, precision=precision)
+        samples = run.run()
+    finally:
+        lm.stepper.native = native
     assert sum(len(s.text) for s in samples) == batch * length
-    PRIME[batch] = (run.prime_seconds, run.elapsed)
+    ENGINES[method] = run.engine
+    if method == "charnn":
+        PRIME[batch] = (run.prime_seconds, run.elapsed)
+
+
+def precision_check(checkpoint: str, text_path: str, val_fraction: float = 0.1, streams: int = 16) -> dict:
+    """Does bf16 generation change the model? Bits per character of the last ``val_fraction`` of
+    ``text_path`` under a trained checkpoint, teacher-forced through each engine's step: the NumPy
+    stepper (fp32) and the native kernel in fp32 and bf16 (``streams`` contiguous streams, zero start)."""
+    from charnn import native as nat  # noqa: PLC0415
+
+    lm = LanguageModel.from_checkpoint(checkpoint)
+    text = Path(text_path).read_text(encoding="utf-8")
+    ids = lm.vocab.encode(text[int(len(text) * (1 - val_fraction)):]).astype(np.int64)
+    per = (len(ids) - 1) // streams
+    x = np.stack([ids[i * per:(i + 1) * per] for i in range(streams)])
+    y = np.stack([ids[i * per + 1:(i + 1) * per + 1] for i in range(streams)])
+    stepper = lm.stepper
+    engines = {"numpy stepper, fp32": stepper.step_arrays}
+    for precision in ("fp32", "bf16"):
+        if stepper.native(precision) is not None and (precision == "fp32" or nat.supports_bf16()):
+            engines[f"native kernel, {precision}"] = stepper.native(precision).step
+    report = {"checkpoint": checkpoint, "text": text_path, "chars": int(x.size), "streams": streams, "bpc": {}}
+    rows = np.arange(streams)
+    for name, step in engines.items():
+        state, nats = stepper.initial_state(streams), 0.0
+        for t in range(per):
+            logits, state = step(x[:, t], state)
+            z = logits.astype(np.float64)
+            m = z.max(axis=1)
+            nats -= float((z[rows, y[:, t]] - m - np.log(np.exp(z - m[:, None]).sum(axis=1))).sum())
+        report["bpc"][name] = nats / x.size / math.log(2)
+    return report
 
 
 def stepper_only(stepper: Stepper, batch: int, steps: int, how: str = "default") -> None:
@@ -153,6 +204,8 @@ def measure(args) -> dict:
     stepper = lm.stepper
     lengths = {  # characters per sample (per row) for each method and batch
         ("charnn", 1): args.length, ("charnn", 64): max(args.length // 4, 1),
+        ("charnn, fp32 kernel", 1): args.length, ("charnn, fp32 kernel", 64): max(args.length // 4, 1),
+        ("charnn, NumPy stepper", 1): args.length, ("charnn, NumPy stepper", 64): max(args.length // 4, 1),
         ("charnn stepper", 1): args.length, ("charnn stepper", 64): max(args.length // 4, 1),
         ("stepper, unsplit", 64): max(args.length // 4, 1),
         ("matrix products only", 1): args.length, ("matrix products only", 64): max(args.length // 4, 1),
@@ -165,6 +218,8 @@ def measure(args) -> dict:
     }
     runners = {
         "charnn": lambda b, n: charnn_sample(lm, b, n),
+        "charnn, fp32 kernel": lambda b, n: charnn_sample(lm, b, n, "fp32", method="charnn, fp32 kernel"),
+        "charnn, NumPy stepper": lambda b, n: charnn_sample(lm, b, n, numpy=True, method="charnn, NumPy stepper"),
         "charnn stepper": lambda b, n: stepper_only(stepper, b, n),
         "stepper, unsplit": lambda b, n: stepper_only(stepper, b, n, "unsplit"),
         "stepper, unsplit, all BLAS threads": lambda b, n: stepper_only(stepper, b, n, "unsplit, all BLAS threads"),
@@ -182,6 +237,8 @@ def measure(args) -> dict:
             seconds = best_of(1 if method == "naive" else args.repeats, lambda: run(batch, n))
             row = {"method": method, "batch": batch, "chars_per_row": n, "seconds": seconds,
                    "chars_per_sec": batch * n / seconds, "latency_us": seconds / n * 1e6}
+            if method in ENGINES:
+                row["engine"] = ENGINES[method]
             if method == "charnn":  # the same run without reading the seed (the one-off fused-kernel call)
                 prime, total = PRIME[batch]
                 row["prime_seconds"] = prime
@@ -203,6 +260,7 @@ def measure(args) -> dict:
         "flops_per_char": fpc,
         "gflops_at_batch_64": by[("charnn", 64)]["chars_per_sec"] * fpc / 1e9,
         "targets": {"batch1_speedup_at_least": 25, "batch64_chars_per_sec_at_least": 40000},
+        "precision_check": precision_check(args.checkpoint, args.text) if args.checkpoint else None,
     }
 
 
@@ -223,6 +281,13 @@ def print_table(report: dict) -> None:
           f"(vs the 1-thread textbook: {s1[1]:.1f}x / {s1[64]:.1f}x); "
           f"vs naive ({report['naive_length']} chars): {n[1]:.0f}x / {n[64]:.0f}x")
     print(f"batch 64: {report['gflops_at_batch_64']:.0f} GFLOP/s ({report['flops_per_char'] / 1e6:.2f} MFLOP per character)")
+    engines = sorted({f"{r['method']}: {r['engine']}" for r in report["results"] if "engine" in r})
+    print("engines: " + "; ".join(engines))
+    check = report["precision_check"]
+    if check:
+        print(f"bits per character of {check['chars']:,} characters of {check['text']} under {check['checkpoint']}:")
+        for name, bpc in check["bpc"].items():
+            print(f"  {name:<22}{bpc:.4f}")
 
 
 def main() -> None:
@@ -231,6 +296,9 @@ def main() -> None:
     parser.add_argument("--naive-length", type=int, default=150, help="characters the naive loop generates")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--checkpoint", help="a trained model: also compare its bpc under fp32 and bf16 generation")
+    parser.add_argument("--text", default="../shared/corpora/tinyshakespeare.txt",
+                        help="with --checkpoint: the text whose last 10%% is scored")
     args = parser.parse_args()
     report = measure(args)
     if args.json:

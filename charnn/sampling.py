@@ -16,13 +16,16 @@ Randomness: sample ``i`` draws from its own generator seeded with
 ``random_seed + i``, exactly one uniform number per generated character, by
 inverse-CDF sampling (drawn in blocks, which gives the same numbers). A sample's draws therefore do not depend on the other
 samples, and sample ``i`` of a batch equals a single run with random seed
-``random_seed + i`` -- up to floating-point rounding: a batch multiplies its
-rows in one matrix product, whose summation order differs slightly from the
-single row's matrix-vector product (differences near 1e-7). Only when a draw
-falls within that distance of a boundary between two characters' probability
-intervals (about once in 10 million draws) does the sample take a different
-character, and the texts then diverge. With the same random seed and batch
-size, a run repeats exactly, every time.
+``random_seed + i``. On the CPU the loop runs in the native kernel
+(:mod:`charnn.native`, ``precision`` auto/fp32/bf16), where a row's numbers
+never depend on its batch: the equality is exact. On the NumPy fallback it
+holds up to floating-point rounding: a batch multiplies its rows in one matrix
+product, whose summation order differs slightly from the single row's
+matrix-vector product (differences near 1e-7). Only when a draw falls within
+that distance of a boundary between two characters' probability intervals
+(about once in 10 million draws) does the sample take a different character,
+and the texts then diverge. With the same random seed, batch size and
+precision, a run repeats exactly, every time.
 
 ``temperature=0`` is greedy decoding (argmax); ``top_k=1`` is the same. The
 unknown symbol (id 0) is never generated unless ``allow_unknown``.
