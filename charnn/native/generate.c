@@ -118,59 +118,49 @@ static void tanh_n(const ctx_t *cx, float *x, int n) {
 }
 
 /* -- matrix products: Y[b, :] (+)= X[b, :] W for rows b < B ------------------------------------- */
-#define TILE_FP32(RB, NC)                                                                          \
+/* A tile: RB rows x NC 16-column chunks of Y, accumulated in registers over every input i. */
+#define TILE(RB, NC, STEPS, WTYPE, LOAD_W, SET_X, MADD)                                            \
     do {                                                                                           \
         __m512 acc[RB][NC];                                                                        \
         for (int r = 0; r < RB; r++)                                                               \
             for (int q = 0; q < NC; q++)                                                           \
                 acc[r][q] = init ? _mm512_loadu_ps(Y + (size_t)(b0 + r) * ldy + j0 + 16 * q)       \
                                  : _mm512_setzero_ps();                                            \
-        for (int i = 0; i < K; i++) {                                                              \
-            const float *w = Wp + (size_t)i * width;                                               \
-            __m512 wv[NC];                                                                         \
-            for (int q = 0; q < NC; q++) wv[q] = _mm512_loadu_ps(w + 16 * q);                      \
+        for (int i = 0; i < STEPS; i++) {                                                          \
+            WTYPE wv[NC];                                                                          \
+            for (int q = 0; q < NC; q++) wv[q] = LOAD_W(i, q);                                     \
             for (int r = 0; r < RB; r++) {                                                         \
-                __m512 xv = _mm512_set1_ps(X[(size_t)(b0 + r) * ldx + i]);                         \
-                for (int q = 0; q < NC; q++) acc[r][q] = _mm512_fmadd_ps(xv, wv[q], acc[r][q]);    \
+                const WTYPE xv = SET_X(X[(size_t)(b0 + r) * ldx + i]);                            \
+                for (int q = 0; q < NC; q++) acc[r][q] = MADD(acc[r][q], xv, wv[q]);               \
             }                                                                                      \
         }                                                                                          \
         for (int r = 0; r < RB; r++)                                                               \
             for (int q = 0; q < NC; q++) _mm512_storeu_ps(Y + (size_t)(b0 + r) * ldy + j0 + 16 * q, acc[r][q]); \
     } while (0)
 
-#define TILE_BF16(RB, NC)                                                                          \
-    do {                                                                                           \
-        __m512 acc[RB][NC];                                                                        \
-        for (int r = 0; r < RB; r++)                                                               \
-            for (int q = 0; q < NC; q++)                                                           \
-                acc[r][q] = init ? _mm512_loadu_ps(Y + (size_t)(b0 + r) * ldy + j0 + 16 * q)       \
-                                 : _mm512_setzero_ps();                                            \
-        for (int i = 0; i < K / 2; i++) {                                                          \
-            const uint16_t *w = Wp + (size_t)i * width * 2;                                       \
-            __m512bh wv[NC];                                                                       \
-            for (int q = 0; q < NC; q++) wv[q] = (__m512bh)_mm512_loadu_si512(w + 32 * q);         \
-            for (int r = 0; r < RB; r++) {                                                         \
-                __m512bh xv = (__m512bh)_mm512_set1_epi32((int)X[(size_t)(b0 + r) * ldx + i]);     \
-                for (int q = 0; q < NC; q++) acc[r][q] = _mm512_dpbf16_ps(acc[r][q], xv, wv[q]);   \
-            }                                                                                      \
-        }                                                                                          \
-        for (int r = 0; r < RB; r++)                                                               \
-            for (int q = 0; q < NC; q++) _mm512_storeu_ps(Y + (size_t)(b0 + r) * ldy + j0 + 16 * q, acc[r][q]); \
-    } while (0)
+/* fp32: one input per step; bf16: a pair of inputs per step (32 multiply-adds per instruction) */
+#define W_FP32(i, q) _mm512_loadu_ps(Wp + (size_t)(i) * width + 16 * (q))
+#define X_FP32(x) _mm512_set1_ps(x)
+#define MADD_FP32(acc, x, w) _mm512_fmadd_ps(x, w, acc)
+#define TILE_FP32(RB, NC) TILE(RB, NC, K, __m512, W_FP32, X_FP32, MADD_FP32)
+#define W_BF16(i, q) ((__m512bh)_mm512_loadu_si512(Wp + ((size_t)(i) * width + 16 * (q)) * 2))
+#define X_BF16(x) ((__m512bh)_mm512_set1_epi32((int)(x)))
+#define MADD_BF16(acc, x, w) _mm512_dpbf16_ps(acc, x, w)
+#define TILE_BF16(RB, NC) TILE(RB, NC, K / 2, __m512bh, W_BF16, X_BF16, MADD_BF16)
 
 /* Panels of PANEL columns (each stored whole, see _panels in Python), in tiles of up to 4 rows by the
  * panel's 64 columns. Every output is one chain of multiply-adds over the inputs in order, whatever the tile. */
-#define DISPATCH(TILE)                                                                             \
+#define DISPATCH(TILE_RB_NC)                                                                             \
     for (int j0 = 0; j0 < N; j0 += PANEL) {                                                        \
         const int nc = (N - j0) / 16 < 4 ? (N - j0) / 16 : 4, width = 16 * nc;  /* row stride */   \
         const TW *Wp = W + (size_t)j0 * K;                                                         \
         for (int b0 = 0; b0 < B; b0 += 4) {                                                        \
             const int rb = B - b0 < 4 ? B - b0 : 4;                                                \
             switch (rb * 8 + nc) {                                                                 \
-            case 9: TILE(1, 1); break; case 10: TILE(1, 2); break; case 11: TILE(1, 3); break; case 12: TILE(1, 4); break; \
-            case 17: TILE(2, 1); break; case 18: TILE(2, 2); break; case 19: TILE(2, 3); break; case 20: TILE(2, 4); break; \
-            case 25: TILE(3, 1); break; case 26: TILE(3, 2); break; case 27: TILE(3, 3); break; case 28: TILE(3, 4); break; \
-            case 33: TILE(4, 1); break; case 34: TILE(4, 2); break; case 35: TILE(4, 3); break; default: TILE(4, 4); break; \
+            case 9: TILE_RB_NC(1, 1); break; case 10: TILE_RB_NC(1, 2); break; case 11: TILE_RB_NC(1, 3); break; case 12: TILE_RB_NC(1, 4); break; \
+            case 17: TILE_RB_NC(2, 1); break; case 18: TILE_RB_NC(2, 2); break; case 19: TILE_RB_NC(2, 3); break; case 20: TILE_RB_NC(2, 4); break; \
+            case 25: TILE_RB_NC(3, 1); break; case 26: TILE_RB_NC(3, 2); break; case 27: TILE_RB_NC(3, 3); break; case 28: TILE_RB_NC(3, 4); break; \
+            case 33: TILE_RB_NC(4, 1); break; case 34: TILE_RB_NC(4, 2); break; case 35: TILE_RB_NC(4, 3); break; default: TILE_RB_NC(4, 4); break; \
             }                                                                                      \
         }                                                                                          \
     }
