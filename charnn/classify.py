@@ -45,7 +45,7 @@ from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
-from .model import CELLS, CharRNN, ModelConfig, init_recurrent
+from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
 from .training import LRSchedule, StopSignals, TrainingInterrupted, make_optimizer
 from .vocab import Vocabulary
 
@@ -385,7 +385,7 @@ class ClassifierNet(nn.Module):
         self.rnn = _bidirectional_stack(encoder) if bidirectional else base.rnn
         directions = 2 if bidirectional else 1
         self.features = encoder.hidden * directions * (3 if pooling == "concat" else 1)
-        self.head_drop = nn.Dropout(head_dropout)
+        self.head_drop = Dropout(head_dropout)
         self.head = nn.Linear(self.features, n_outputs)
         self.packing = "auto"
 
@@ -407,7 +407,7 @@ class ClassifierNet(nn.Module):
             h = h[0] if isinstance(h, tuple) else h
             last = torch.cat([h[-2], h[-1]], dim=1) if self.bidirectional else h[-1]
         else:  # forward only: right padding never reaches the valid steps, and the fused CPU kernel is faster
-            out, _ = self.rnn(x)
+            out, _ = run_recurrent(self.rnn, x)
             last = out[torch.arange(ids.size(0), device=ids.device), lengths.to(ids.device) - 1]
         return pool(out, last, lengths.to(out.device), self.pooling)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -89,9 +90,9 @@ class CharRNN(nn.Module):
         if not c.embed_dim:  # one-hot input: a frozen identity table
             self.embed.weight.data.copy_(torch.eye(c.vocab_size))
             self.embed.weight.requires_grad_(False)
-        self.embed_drop = nn.Dropout(c.embed_dropout)
+        self.embed_drop = Dropout(c.embed_dropout)
         self.rnn = build_recurrent(c)
-        self.out_drop = nn.Dropout(c.dropout)
+        self.out_drop = Dropout(c.dropout)
         out_dim = c.hidden
         self.proj = None
         if c.tie_weights:
@@ -107,13 +108,12 @@ class CharRNN(nn.Module):
 
     def forward(self, ids: torch.Tensor, state=None):
         """Logits of shape (batch, time, vocab) and the state after the last step."""
-        x = self.embed_drop(self.embed(ids))
-        out, state = self.rnn(x, state)
+        out, state = self.encode(ids, state)
         return self.decode(self.out_drop(out)), state
 
     def encode(self, ids: torch.Tensor, state=None):
         """Top-layer outputs (batch, time, hidden) and the final state, without the softmax head."""
-        return self.rnn(self.embed_drop(self.embed(ids)), state)
+        return run_recurrent(self.rnn, self.embed_drop(self.embed(ids)), state)
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
@@ -132,6 +132,69 @@ class CharRNN(nn.Module):
             if p.requires_grad or not trainable_only:
                 seen[id(p)] = p.numel()
         return sum(seen.values())
+
+
+# -- dropout -----------------------------------------------------------------------------------------
+MASK_LEVELS = 256  # CPU dropout masks compare random bytes: the keep probability is rounded to 1/256
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout``, with masks from NumPy's PCG64 on the CPU.
+
+    ``torch.bernoulli_`` fills masks at about 0.1 G elements/s on a CPU core,
+    which made dropout 10-20% of a training step of the default models;
+    random bytes from PCG64 compared with a threshold are several times faster.
+    Each call seeds its generator from PyTorch's RNG, so ``torch.manual_seed``
+    and a resumed RNG state still reproduce the masks. The keep probability is
+    rounded to 1/256 (0.8 -> 205/256 = 0.8008) and kept values are scaled by its
+    inverse, as ``F.dropout`` does. Other devices use ``F.dropout``.
+    """
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    keep = max(1, round((1 - p) * MASK_LEVELS))
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+    kept = rng.integers(0, MASK_LEVELS, x.numel(), dtype=np.uint8) < keep
+    mask = torch.from_numpy(kept).view(x.shape).to(x.dtype).mul_(MASK_LEVELS / keep)
+    return x * mask
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through :func:`dropout` (fast masks on the CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+_LAYER_KERNELS = {nn.LSTM: torch._VF.lstm, nn.GRU: torch._VF.gru}
+
+
+def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None):
+    """``rnn(x, state)`` for a batch-first stack; on the CPU in training, a library stack with dropout
+    between layers runs layer by layer through the same fused kernel, with :func:`dropout` between."""
+    if not (isinstance(rnn, nn.RNNBase) and rnn.training and rnn.dropout > 0 and rnn.num_layers > 1
+            and x.device.type == "cpu" and not rnn.bidirectional and rnn.batch_first):
+        return rnn(x, state)
+    lstm = isinstance(rnn, nn.LSTM)
+    if state is None:
+        zeros = x.new_zeros(rnn.num_layers, x.size(0), rnn.hidden_size)
+        state = (zeros, zeros.clone()) if lstm else zeros
+    out, hs, cs = x, [], []
+    for k in range(rnn.num_layers):
+        weights = [getattr(rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if k:
+            out = dropout(out, rnn.dropout)
+        if lstm:
+            out, h, c = torch._VF.lstm(out, (state[0][k:k + 1], state[1][k:k + 1]), weights, True, 1, 0.0, True,
+                                       False, True)
+            cs.append(c)
+        else:
+            kernel = _LAYER_KERNELS.get(type(rnn)) or (torch._VF.rnn_tanh if rnn.nonlinearity == "tanh"
+                                                         else torch._VF.rnn_relu)
+            out, h = kernel(out, state[k:k + 1], weights, True, 1, 0.0, True, False, True)
+        hs.append(h)
+    return out, ((torch.cat(hs), torch.cat(cs)) if lstm else torch.cat(hs))
 
 
 def build_recurrent(c: ModelConfig) -> nn.Module:
