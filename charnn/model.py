@@ -36,6 +36,7 @@ class ModelConfig:
     embed_dim: int = 64  # 0 means one-hot input
     dropout: float = 0.0  # between recurrent layers and before the output layer
     embed_dropout: float = 0.0
+    weight_drop: float = 0.0  # DropConnect on the recurrent (hidden-to-hidden) weights, a new mask per step (AWD-LSTM)
     tie_weights: bool = False
     init: str = "orthogonal"
     forget_bias: float = 1.0
@@ -52,6 +53,9 @@ class ModelConfig:
             (self.embed_dim >= 0, f"--embed-dim must be 0 (one-hot) or positive, got {self.embed_dim}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.embed_dropout < 1, f"--embed-dropout must be in [0, 1), got {self.embed_dropout}"),
+            (0 <= self.weight_drop < 1, f"--weight-drop must be in [0, 1), got {self.weight_drop}"),
+            (self.weight_drop == 0 or not self.uses_custom_cell,
+             "--weight-drop needs the library cell; drop --gate-slope/--layer-norm"),
             (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
             (self.activation in ACTIVATIONS, f"--activation must be tanh or relu, got {self.activation!r}"),
             (self.activation == "tanh" or self.cell == "rnn", "--activation relu applies to --cell rnn only"),
@@ -113,7 +117,7 @@ class CharRNN(nn.Module):
 
     def encode(self, ids: torch.Tensor, state=None):
         """Top-layer outputs (batch, time, hidden) and the final state, without the softmax head."""
-        return run_recurrent(self.rnn, self.embed_drop(self.embed(ids)), state)
+        return run_recurrent(self.rnn, self.embed_drop(self.embed(ids)), state, self.config.weight_drop)
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.proj is not None:
@@ -170,11 +174,14 @@ class Dropout(nn.Dropout):
 _LAYER_KERNELS = {nn.LSTM: torch._VF.lstm, nn.GRU: torch._VF.gru}
 
 
-def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None):
-    """``rnn(x, state)`` for a batch-first stack; on the CPU in training, a library stack with dropout
-    between layers runs layer by layer through the same fused kernel, with :func:`dropout` between."""
-    if not (isinstance(rnn, nn.RNNBase) and rnn.training and rnn.dropout > 0 and rnn.num_layers > 1
-            and x.device.type == "cpu" and not rnn.bidirectional and rnn.batch_first):
+def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None, weight_drop: float = 0.0):
+    """``rnn(x, state)`` for a batch-first stack. In training, a library stack runs layer by layer
+    through the same fused kernel when it has dropout between layers (on the CPU, so that
+    :func:`dropout` draws the masks) or ``weight_drop``: DropConnect on each layer's recurrent
+    weights, one mask per call shared by every time step (AWD-LSTM's weight drop)."""
+    layered = isinstance(rnn, nn.RNNBase) and rnn.training and not rnn.bidirectional and rnn.batch_first and (
+        weight_drop > 0 or (rnn.dropout > 0 and rnn.num_layers > 1 and x.device.type == "cpu"))
+    if not layered:
         return rnn(x, state)
     lstm = isinstance(rnn, nn.LSTM)
     if state is None:
@@ -183,6 +190,8 @@ def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None):
     out, hs, cs = x, [], []
     for k in range(rnn.num_layers):
         weights = [getattr(rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if weight_drop > 0:
+            weights[1] = dropout(weights[1], weight_drop)
         if k:
             out = dropout(out, rnn.dropout)
         if lstm:

@@ -13,7 +13,7 @@ from .errors import CharnnError
 
 # Settings shared by every preset unless it says otherwise.
 COMMON = dict(
-    cell="lstm", embed_dim=64, embed_dropout=0.0, tie_weights=False, init="orthogonal", forget_bias=1.0,
+    cell="lstm", embed_dim=64, embed_dropout=0.0, weight_drop=0.0, tie_weights=False, init="orthogonal", forget_bias=1.0,
     activation="tanh", gate_slope=1.0, layer_norm=False, lr=2e-3, warmup_steps=100,
 )
 

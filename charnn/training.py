@@ -53,6 +53,7 @@ class TrainConfig:
     embed_dim: int | None = None
     dropout: float | None = None
     embed_dropout: float | None = None
+    weight_drop: float | None = None
     tie_weights: bool | None = None
     init: str | None = None
     forget_bias: float | None = None

@@ -58,6 +58,7 @@ def fit_or_exit(trainer, command: str):
 @click.option("--embed-dim", type=int, help="Character embedding size (0: one-hot).")
 @click.option("--dropout", type=float, help="Dropout between layers and before the output layer.")
 @click.option("--embed-dropout", type=float, help="Dropout on the embeddings.")
+@click.option("--weight-drop", type=float, help="DropConnect on the recurrent weights (AWD-LSTM), a new mask per step.")
 @click.option("--tie-weights/--no-tie-weights", default=None, help="Share the input embedding with the output layer.")
 @click.option("--init", "init_scheme", type=click.Choice(["orthogonal", "identity", "xavier", "gaussian", "default"]), help="Recurrent weight initialisation (gaussian: N(0, 0.05^2), the naive baseline).  [default: orthogonal]")
 @click.option("--forget-bias", type=float, help="LSTM forget-gate bias.  [default: 1]")
