@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import charnn.model as model_mod
+from charnn.errors import CharnnError
 from charnn.model import MASK_LEVELS, CharRNN, Dropout, ModelConfig, dropout, run_recurrent
 
 
@@ -64,3 +65,33 @@ def test_training_dropout_is_fast_masks_not_bernoulli():
     ops = {e.key for e in prof.key_averages()}
     assert "aten::lstm" in ops or "aten::mkldnn_rnn_layer" in ops
     assert not {op for op in ops if "bernoulli" in op or op == "aten::dropout"}
+
+
+def test_weight_drop_masks_the_recurrent_weights_in_training_only(monkeypatch):
+    """--weight-drop drops recurrent weights (one mask per call); eval runs the whole weights."""
+    torch.manual_seed(0)
+    m = CharRNN(ModelConfig(vocab_size=30, layers=2, hidden=24, weight_drop=0.5))
+    x = torch.randint(0, 30, (3, 11))
+    seen = []
+    real = model_mod.dropout
+    monkeypatch.setattr(model_mod, "dropout", lambda t, p, training=True: seen.append(tuple(t.shape)) or real(t, p))
+    m.train()
+    dropped, _ = m(x)
+    assert [s for s in seen if len(s) == 2] == [(96, 24), (96, 24)]  # each layer's weight_hh (4 gates x 24 units, 24 inputs)
+    dropped.sum().backward()
+    assert m.rnn.weight_hh_l0.grad is not None and m.rnn.weight_hh_l0.grad.abs().sum() > 0
+    m.eval()
+    seen.clear()
+    full, _ = m(x)
+    assert not [s for s in seen if len(s) == 2]
+    m2 = CharRNN(ModelConfig(vocab_size=30, layers=2, hidden=24))
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(full, m2.eval()(x)[0])
+    assert not torch.allclose(dropped, full)
+
+
+def test_weight_drop_is_validated():
+    with pytest.raises(CharnnError, match="--weight-drop must be in"):
+        ModelConfig(vocab_size=30, weight_drop=1.0)
+    with pytest.raises(CharnnError, match="needs the library cell"):
+        ModelConfig(vocab_size=30, weight_drop=0.2, layer_norm=True)
