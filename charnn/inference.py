@@ -320,6 +320,7 @@ class Stepper:
         self.ops = _NumpyOps(self.device) if backend == "numpy" else _TorchOps(self.device)
         self._local = threading.local()
         self._tuners: dict[int, _ThreadTuner] = {}
+        self._native: dict = {}  # (precision, process id) -> charnn.native.NativeGenerator, made on first use
         if self.fast:
             with torch.no_grad():
                 self._prepare_weights()
@@ -333,11 +334,10 @@ class Stepper:
         if not self.fast or self.ops.name != "numpy" or nat.library() is None:
             return None
         precision = nat.resolve_precision(precision)
-        engines = self.__dict__.setdefault("_native", {})
         key = (precision, os.getpid())  # a forked child has no copy of the parent's worker thread
-        engine = engines.get(key)
+        engine = self._native.get(key)
         if engine is None or engine.max_rows < rows:
-            engine = engines[key] = nat.NativeGenerator(self, precision, max_rows=max(nat.DEFAULT_ROWS, rows))
+            engine = self._native[key] = nat.NativeGenerator(self, precision, max_rows=max(nat.DEFAULT_ROWS, rows))
         return engine
 
     def native_unavailable_reason(self) -> str | None:

@@ -171,9 +171,6 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-_LAYER_KERNELS = {nn.LSTM: torch._VF.lstm, nn.GRU: torch._VF.gru}
-
-
 def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None, weight_drop: float = 0.0):
     """``rnn(x, state)`` for a batch-first stack. In training, a library stack runs layer by layer
     through the same fused kernel when it has dropout between layers (on the CPU, so that
@@ -184,6 +181,10 @@ def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None, weight_drop: floa
     if not layered:
         return rnn(x, state)
     lstm = isinstance(rnn, nn.LSTM)
+    if isinstance(rnn, nn.GRU):
+        kernel = torch._VF.gru
+    elif not lstm:
+        kernel = torch._VF.rnn_tanh if rnn.nonlinearity == "tanh" else torch._VF.rnn_relu
     if state is None:
         zeros = x.new_zeros(rnn.num_layers, x.size(0), rnn.hidden_size)
         state = (zeros, zeros.clone()) if lstm else zeros
@@ -199,8 +200,6 @@ def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None, weight_drop: floa
                                        False, True)
             cs.append(c)
         else:
-            kernel = _LAYER_KERNELS.get(type(rnn)) or (torch._VF.rnn_tanh if rnn.nonlinearity == "tanh"
-                                                         else torch._VF.rnn_relu)
             out, h = kernel(out, state[k:k + 1], weights, True, 1, 0.0, True, False, True)
         hs.append(h)
     return out, ((torch.cat(hs), torch.cat(cs)) if lstm else torch.cat(hs))

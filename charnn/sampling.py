@@ -287,22 +287,16 @@ class SampleRun:
     def _generate_native(self, engine, stream: bool):
         """The loop in C (``charnn.native``), a block of characters per call; stops and streaming per block."""
         o = self.options
-        n, length = o.num_samples, o.length
+        length = o.length
         start = time.perf_counter()
         self.engine = f"native-{engine.precision}"
         c = Chooser(o, self.stepper.vocab_size)
         options = np.array([c.inv_temperature or 1.0, c.top_k or 0, c.top_p or 1.0, c.ban_unknown, c.greedy], dtype=np.float64)
-        rngs = [np.random.default_rng(s) for s in self.random_seeds]
-        out = np.zeros((length, n), dtype=np.intp)
-        lps = np.zeros((length, n)) if o.logprobs else None
-        end = np.full(n, length)
-        hit: list[str | None] = [None] * n
-        emitted = [0] * n
-        rows = np.arange(n)
+        rngs, out, lps, end, hit, emitted, rows = self._run_arrays()
         logits, state = self._prime()
         self.prime_seconds = time.perf_counter() - start
         logits = np.ascontiguousarray(logits, dtype=np.float32)
-        h, cs = engine._state_arrays(state)
+        h, cs = engine.state_arrays(state)
         t, calls, per_char = 0, 0, 0.0
         while t < length:
             T = NATIVE_BLOCKS[min(calls, len(NATIVE_BLOCKS) - 1)]
@@ -338,25 +332,14 @@ class SampleRun:
                 logits = np.ascontiguousarray(logits[pos])
                 h, cs = np.ascontiguousarray(h[:, pos]), np.ascontiguousarray(cs[:, pos])
                 rows = live
-        if stream:
-            for r in range(n):
-                if end[r] > emitted[r]:
-                    yield int(r), self._decode(out[emitted[r]:end[r], r])
-        self.elapsed = time.perf_counter() - start
-        self.samples = [self._sample(r, out, lps, end, hit) for r in range(n)]
+        yield from self._finish(stream, start, out, lps, end, hit, emitted)
 
     def _generate_stepper(self, stream: bool):
         o, stepper = self.options, self.stepper
         n, length = o.num_samples, o.length
         start = time.perf_counter()
         chooser = Chooser(o, stepper.vocab_size)
-        rngs = [np.random.default_rng(s) for s in self.random_seeds]
-        out = np.zeros((length, n), dtype=np.intp)
-        lps = np.zeros((length, n)) if o.logprobs else None
-        end = np.full(n, length)  # where each sample's text ends
-        hit: list[str | None] = [None] * n
-        emitted = [0] * n
-        rows = np.arange(n)  # original sample index of each live batch row
+        rngs, out, lps, end, hit, emitted, rows = self._run_arrays()
         logits, state = self._prime() if length else (None, None)
         self.prime_seconds = time.perf_counter() - start
         draws = np.empty((n, DRAW_BLOCK))  # each sample's next uniform numbers, drawn a block at a time
@@ -388,12 +371,25 @@ class SampleRun:
                 if t + 1 < length:
                     logits, state = stepper.step_arrays(ids, state)
                     self.steps += 1
-        if stream:  # the rest of samples that ran to the length limit
-            for r in range(n):
+        yield from self._finish(stream, start, out, lps, end, hit, emitted)
+
+    def _run_arrays(self):
+        """What both generation loops keep: each sample's generator, the ids (length, n), log-probs,
+        where each sample's text ends, the stop string that ended it, how much was streamed, and the
+        original sample index of each live batch row."""
+        n, length = self.options.num_samples, self.options.length
+        rngs = [np.random.default_rng(s) for s in self.random_seeds]
+        lps = np.zeros((length, n)) if self.options.logprobs else None
+        return rngs, np.zeros((length, n), dtype=np.intp), lps, np.full(n, length), [None] * n, [0] * n, np.arange(n)
+
+    def _finish(self, stream: bool, start: float, out, lps, end, hit, emitted):
+        """Stream the rest of the samples that ran to the length limit; record the samples and the time."""
+        if stream:
+            for r in range(len(end)):
                 if end[r] > emitted[r]:
                     yield int(r), self._decode(out[emitted[r]:end[r], r])
         self.elapsed = time.perf_counter() - start
-        self.samples = [self._sample(r, out, lps, end, hit) for r in range(n)]
+        self.samples = [self._sample(r, out, lps, end, hit) for r in range(len(end))]
 
     def _check_stops(self, out, t, rows, end, hit):
         """Mark samples whose text now ends with a stop string; the keep-mask of live rows (None: all live)."""

@@ -252,7 +252,8 @@ class NativeGenerator:
         self.close()
 
     # -- running -----------------------------------------------------------------------------------
-    def _state_arrays(self, state):
+    def state_arrays(self, state):
+        """Copies of a StepState's arrays as the kernel takes them (h, and c or zeros), C-contiguous float32."""
         h = np.array(state.h, dtype=np.float32, order="C", copy=True)
         c = np.array(state.c, dtype=np.float32, order="C", copy=True) if state.c is not None else np.zeros_like(h)
         return h, c
@@ -271,7 +272,7 @@ class NativeGenerator:
             raise CharnnError(f"step needs one id per state row ({state.batch}), got {len(ids)}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise CharnnError(f"character ids must lie in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}")
-        h, c = self._state_arrays(state)
+        h, c = self.state_arrays(state)
         logits = np.empty((len(ids), self.vocab_size), dtype=np.float32)
         self.lib.cn_step(self._ctx, len(ids), ids.ctypes.data, h.ctypes.data, c.ctypes.data, logits.ctypes.data)
         return logits, StepState(h, c if self.cell == "lstm" else None)
