@@ -170,3 +170,17 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     assert native.library() is not None
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 1 and files[0].endswith(".so")
+
+
+@pytest.mark.parametrize("engine", ["native", "numpy"])
+def test_streaming_flushes_what_a_stop_prefix_held_back(lm, monkeypatch, engine):
+    """Text that might begin a stop string is held back; at the length limit it is streamed after all."""
+    if engine == "numpy":
+        numpy_only(lm, monkeypatch)
+    full = lm.generate("x", length=200, random_seed=5)
+    stop = full[-1] + "JJJJJ"
+    assert stop not in full
+    run = lm.sampler("x", length=200, random_seed=5, stop=[stop])
+    pieces = [piece for _, piece in run]
+    assert "".join(pieces) == full == run.samples[0].text
+    assert pieces[-1].endswith(full[-1])
