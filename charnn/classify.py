@@ -56,6 +56,12 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "plateau", "constant")
 THRESHOLD = 0.5  # multi-label: a class is predicted when its probability reaches this
 FINE_TUNE_LR_DECAY = 2.6  # ULMFiT: each layer down learns 2.6 times slower
+# Fine-tuning with fewer steps per epoch than this trains the head only (a linear probe). Gradual
+# unfreezing frees one layer group per epoch; on a few dozen texts an epoch is a handful of steps, so
+# the whole encoder is free before the head has learnt anything and over-fits the labels. Measured on
+# SMS at 10, 50 and 200 texts per class (1, 3 and 12 steps per epoch): the probe scored 0.03-0.07
+# macro-F1 higher; on names at 50 per class (28 steps per epoch) fine-tuning was level or better.
+PROBE_BELOW_STEPS_PER_EPOCH = 16
 BUCKET_BATCHES = 50  # training batches are cut from shuffled chunks of this many batches, sorted by length
 PREDICT_BATCH = 256
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -601,7 +607,7 @@ class ClassifyConfig:
     truncation: str = "head"
     # transfer
     init_from: str | None = None
-    freeze_encoder: bool = False
+    freeze_encoder: bool | None = None  # None: on when fine-tuning with < PROBE_BELOW_STEPS_PER_EPOCH steps per epoch
     gradual_unfreeze: bool | None = None  # None: on when fine-tuning
     layer_lr_decay: float | None = None  # None: 2.6 when fine-tuning, else 1
     # optimisation
@@ -787,6 +793,8 @@ class ClassifierTrainer(BudgetClock):
         self.schedule = LRSchedule(cfg)
         self.loss_weights = self._loss_weights()
         self.steps_per_epoch = math.ceil(len(self.texts) / cfg.batch_size)
+        if cfg.freeze_encoder is None:  # the run's settings say what it really used
+            cfg.freeze_encoder = cfg.fine_tuning and self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH
         # progress
         self.step = self.epoch = self.batch_in_epoch = 0
         self.train_chars, self.train_seconds, self.elapsed_before = 0, 0.0, 0.0
@@ -1188,7 +1196,7 @@ class TextClassifier(_Params):
 
     def __init__(self, *, cell="lstm", layers=1, hidden=256, embed_dim=64, dropout=0.0, embed_dropout=0.0,
                  bidirectional=False, min_char_count=1, pooling="concat", head_dropout=0.2, multi_label=False,
-                 balance=False, max_chars=1000, truncation="head", init_from=None, freeze_encoder=False,
+                 balance=False, max_chars=1000, truncation="head", init_from=None, freeze_encoder=None,
                  gradual_unfreeze=None, layer_lr_decay=None, batch_size=32, lr=3e-3, optimizer="adam",
                  weight_decay=0.0, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
                  min_lr_ratio=0.05, max_epochs=30, max_steps=None, time_budget=None, patience=5, eval_every=None,

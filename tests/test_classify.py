@@ -178,7 +178,8 @@ def test_init_from_loads_encoder_weights_and_vocabulary_exactly(tiny_run, order_
 def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_data):
     (texts, labels), _ = order_data
     lm, _ = load_language_model(tiny_run)
-    cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "max_epochs": 1, "val_fraction": 0.0})
+    cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "max_epochs": 1, "val_fraction": 0.0,
+                            "freeze_encoder": False})  # 4 steps per epoch would otherwise pick the linear probe
     trainer = ClassifierTrainer(cfg, texts[:64], labels[:64])
     groups = trainer.optimizer.param_groups
     assert len(groups) == 1 + lm.config.layers + 1  # head, each recurrent layer, embedding
@@ -191,6 +192,33 @@ def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_da
     assert trainer.trainable_groups() == 2
     trainer.epoch = 10
     assert trainer.trainable_groups() == len(groups)
+
+
+@pytest.mark.parametrize("n_texts, freeze, expect_probe", [
+    (64, None, True),      # 4 steps per epoch: too few for gradual unfreezing, so the probe is chosen
+    (256, None, False),    # 16 steps per epoch: gradual unfreezing
+    (64, False, False),    # an explicit choice wins either way
+    (256, True, True),
+])
+def test_small_labelled_sets_fine_tune_as_a_linear_probe(tiny_run, order_data, n_texts, freeze, expect_probe):
+    (texts, labels), _ = order_data
+    texts, labels = (texts * 4)[:n_texts], (labels * 4)[:n_texts]
+    lm, _ = load_language_model(tiny_run)
+    cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "max_epochs": 3, "val_fraction": 0.0,
+                            "freeze_encoder": freeze})
+    trainer = ClassifierTrainer(cfg, texts, labels)
+    assert trainer.steps_per_epoch == n_texts // FAST["batch_size"]
+    assert trainer.cfg.freeze_encoder is expect_probe  # the run records what it used
+    assert ("linear probe" in trainer.describe()) is expect_probe
+    trainer.fit()
+    encoder_kept = all(torch.equal(trainer.net.state_dict()[k], v) for k, v in lm_params(lm).items())
+    assert encoder_kept is expect_probe
+
+
+def test_classifier_from_scratch_never_freezes(order_data):
+    (texts, labels), _ = order_data
+    trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "max_epochs": 1}), texts[:40], labels[:40])
+    assert trainer.cfg.freeze_encoder is False and trainer.trainable_groups() == len(trainer.groups)
 
 
 def test_fine_tuning_refuses_bidirectional(tiny_run):

@@ -51,7 +51,9 @@ def _data_options(f):
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Stratified fraction of DATA that validates (without --val).")
 @click.option("--multi-label", is_flag=True, help="Texts may have several labels (sigmoid outputs, threshold 0.5).")
 @click.option("--init-from", type=click.Path(), help="Start the encoder from this language model (charnn train run); its vocabulary too.")
-@click.option("--freeze-encoder", is_flag=True, help="Train the head only (a linear probe of the language model's features).")
+@click.option("--freeze-encoder/--no-freeze-encoder", default=None,
+              help="Train the head only (a linear probe of the language model's features).  "
+                   "[default: on with --init-from when an epoch is under 16 steps, i.e. fewer than 16 x batch texts]")
 @click.option("--gradual-unfreeze/--no-gradual-unfreeze", default=None, help="Unfreeze one layer per epoch from the top.  [default: on with --init-from]")
 @click.option("--layer-lr-decay", type=float, help="Each layer down learns this many times slower.  [default: 2.6 with --init-from, else 1]")
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell (from scratch).")
