@@ -133,7 +133,9 @@ def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, budget, balance, ini
                          init_from=init_from, seed=args.seed, device="cpu", quiet=True)
     clf.fit(fit_x, fit_y, val_texts=val_x, val_labels=val_y)
     r = clf.result_
-    return clf.predict(test_x), {"epochs": round(r.epochs, 2), "val_macro_f1": r.best_val_f1, "stop": r.stop_reason}
+    probe = bool(clf.checkpoint_config_["training"]["freeze_encoder"])  # charnn's choice: a probe on small sets
+    return clf.predict(test_x), {"epochs": round(r.epochs, 2), "val_macro_f1": r.best_val_f1, "stop": r.stop_reason,
+                                 **({"linear_probe": True} if probe else {})}
 
 
 def macro_f1(y_true, y_pred, classes) -> float:
