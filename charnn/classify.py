@@ -59,8 +59,8 @@ FINE_TUNE_LR_DECAY = 2.6  # ULMFiT: each layer down learns 2.6 times slower
 # Fine-tuning with fewer steps per epoch than this trains the head only (a linear probe). Gradual
 # unfreezing frees one layer group per epoch; on a few dozen texts an epoch is a handful of steps, so
 # the whole encoder is free before the head has learnt anything and over-fits the labels. Measured on
-# SMS at 10, 50 and 200 texts per class (1, 3 and 12 steps per epoch): the probe scored 0.03-0.07
-# macro-F1 higher; on names at 50 per class (28 steps per epoch) fine-tuning was level or better.
+# SMS at 10, 50 and 200 texts per class (1, 3 and 12 steps per epoch): the probe scored 0.02-0.07
+# macro-F1 higher; on names at 50 and 200 per class (29 and 92 steps) fine-tuning did better.
 PROBE_BELOW_STEPS_PER_EPOCH = 16
 BUCKET_BATCHES = 50  # training batches are cut from shuffled chunks of this many batches, sorted by length
 PREDICT_BATCH = 256
@@ -793,8 +793,10 @@ class ClassifierTrainer(BudgetClock):
         self.schedule = LRSchedule(cfg)
         self.loss_weights = self._loss_weights()
         self.steps_per_epoch = math.ceil(len(self.texts) / cfg.batch_size)
+        self.auto_probe = cfg.freeze_encoder is None and cfg.fine_tuning and \
+            self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH
         if cfg.freeze_encoder is None:  # the run's settings say what it really used
-            cfg.freeze_encoder = cfg.fine_tuning and self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH
+            cfg.freeze_encoder = self.auto_probe
         # progress
         self.step = self.epoch = self.batch_in_epoch = 0
         self.train_chars, self.train_seconds, self.elapsed_before = 0, 0.0, 0.0
@@ -1079,7 +1081,9 @@ class ClassifierTrainer(BudgetClock):
     def describe(self) -> str:
         c, m = self.cfg, self.encoder_config
         source = f"fine-tuned from {self.lm_path}" if getattr(self, "lm_path", None) else "from scratch"
-        unfreeze = ("encoder frozen (linear probe)" if c.freeze_encoder else
+        unfreeze = (f"encoder frozen (linear probe: {self.steps_per_epoch} steps per epoch are too few for gradual "
+                    "unfreezing; --no-freeze-encoder fine-tunes anyway)" if self.auto_probe else
+                    "encoder frozen (linear probe)" if c.freeze_encoder else
                     "gradual unfreezing" if c.unfreeze_gradually() else "all layers train")
         return (
             f"model: {m.layers}x{m.hidden} {m.cell.upper()}{' bidirectional' if c.bidirectional else ''}, "

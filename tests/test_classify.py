@@ -210,9 +210,23 @@ def test_small_labelled_sets_fine_tune_as_a_linear_probe(tiny_run, order_data, n
     assert trainer.steps_per_epoch == n_texts // FAST["batch_size"]
     assert trainer.cfg.freeze_encoder is expect_probe  # the run records what it used
     assert ("linear probe" in trainer.describe()) is expect_probe
+    assert ("--no-freeze-encoder fine-tunes anyway" in trainer.describe()) is (expect_probe and freeze is None)
     trainer.fit()
     encoder_kept = all(torch.equal(trainer.net.state_dict()[k], v) for k, v in lm_params(lm).items())
     assert encoder_kept is expect_probe
+
+
+@pytest.mark.parametrize("flag, expect_probe", [(None, True), ("--no-freeze-encoder", False)])
+def test_cli_says_when_it_chose_the_linear_probe(tiny_run, order_data, tmp_path, flag, expect_probe):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "few.tsv", texts[:60], labels[:60])
+    args = ["classify", "train", str(data), "--init-from", str(tiny_run), "--max-epochs", "1", "--hidden", "32",
+            "--out", str(tmp_path / "r"), *([flag] if flag else [])]
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 0, out.output
+    assert ("too few for gradual unfreezing" in out.output) is expect_probe
+    saved = json.loads((tmp_path / "r" / "best" / "config.json").read_text())
+    assert saved["training"]["freeze_encoder"] is expect_probe
 
 
 def test_classifier_from_scratch_never_freezes(order_data):
