@@ -126,11 +126,13 @@ def tfidf_lr(fit_x, fit_y, val_x, val_y, test_x, classes):
                                "features": len(vec.vocabulary_)}
 
 
-def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, budget, balance, init_from=None):
+def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, budget, balance, init_from=None, **overrides):
+    """charnn's classifier with the benchmark's settings (``overrides``: other TextClassifier parameters)."""
     epochs, patience = (args.max_epochs, args.patience) if budget is None else (args.budget_max_epochs, args.budget_patience)
-    clf = TextClassifier(hidden=args.hidden, layers=1, embed_dim=64, max_epochs=epochs, patience=patience,
-                         max_chars=args.max_chars, batch_size=args.batch_size, lr=args.lr, balance=balance,
-                         init_from=init_from, seed=args.seed, device="cpu", quiet=True)
+    params = dict(hidden=args.hidden, layers=1, embed_dim=64, max_epochs=epochs, patience=patience,
+                  max_chars=args.max_chars, batch_size=args.batch_size, lr=args.lr, balance=balance,
+                  init_from=init_from, seed=args.seed, device="cpu", quiet=True)
+    clf = TextClassifier(**{**params, **overrides})
     clf.fit(fit_x, fit_y, val_texts=val_x, val_labels=val_y)
     r = clf.result_
     probe = bool(clf.checkpoint_config_["training"]["freeze_encoder"])  # charnn's choice: a probe on small sets
@@ -167,13 +169,31 @@ def train_lm(texts: list[str], args, workdir: Path) -> tuple[str, dict]:
 
 
 # -- one dataset -------------------------------------------------------------------------------------------
-def run_dataset(name: str, args, workdir: Path) -> dict:
+def test_split(name: str, args):
+    """The dataset's classes, its training pool (texts, labels) and its test part, split by ``--split-seed``."""
     texts, labels = load(name)
     classes = np.array(sorted(set(labels.tolist())))
     train_idx, test_idx = stratified_split(labels.tolist(), args.test_fraction, args.split_seed)
-    pool_x, pool_y = [texts[i] for i in train_idx], labels[train_idx]
-    test_x, test_y = [texts[i] for i in test_idx], labels[test_idx]
-    log(f"[{name}] {len(texts):,} texts, {len(classes)} classes: {len(pool_x):,} train / {len(test_x):,} test")
+    return (classes, ([texts[i] for i in train_idx], labels[train_idx]),
+            ([texts[i] for i in test_idx], labels[test_idx]))
+
+
+def labelled_sets(pool_x, pool_y, budget: int | None, args):
+    """The labelled examples at a budget (None: the whole pool) as fitting and validation parts, and the
+    classes that have fewer than the budget."""
+    if budget is None:
+        sel, short = np.arange(len(pool_x)), {}
+    else:
+        sel, short = per_class_sample(pool_y, budget, args.split_seed + 2)
+    lab_x, lab_y = [pool_x[i] for i in sel], pool_y[sel]
+    fit_i, val_i = stratified_split(lab_y.tolist(), args.val_fraction, args.split_seed + 1)
+    return ([lab_x[i] for i in fit_i], lab_y[fit_i]), ([lab_x[i] for i in val_i], lab_y[val_i]), short
+
+
+def run_dataset(name: str, args, workdir: Path) -> dict:
+    classes, (pool_x, pool_y), (test_x, test_y) = test_split(name, args)
+    log(f"[{name}] {len(pool_x) + len(test_x):,} texts, {len(classes)} classes: {len(pool_x):,} train / "
+        f"{len(test_x):,} test")
     systems = args.systems.split(",")
     lm_path, lm_info = None, None
     if "charnn-finetune" in systems:
@@ -183,14 +203,7 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
     budgets = [None] + [int(b) for b in args.budgets.split(",") if b.strip()]
     rows = []
     for budget in budgets:
-        if budget is None:
-            sel, short = np.arange(len(pool_x)), {}
-        else:
-            sel, short = per_class_sample(pool_y, budget, args.split_seed + 2)
-        lab_x, lab_y = [pool_x[i] for i in sel], pool_y[sel]
-        fit_i, val_i = stratified_split(lab_y.tolist(), args.val_fraction, args.split_seed + 1)
-        fit_x, fit_y = [lab_x[i] for i in fit_i], lab_y[fit_i]
-        val_x, val_y = [lab_x[i] for i in val_i], lab_y[val_i]
+        (fit_x, fit_y), (val_x, val_y), short = labelled_sets(pool_x, pool_y, budget, args)
         for system in systems:
             t0 = time.perf_counter()
             if system == "tfidf-lr":
@@ -202,7 +215,7 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
             else:
                 sys.exit(f"unknown system {system!r}")
             seconds = time.perf_counter() - t0
-            row = {"dataset": name, "per_class": budget or "all", "system": system, "labelled": len(lab_x),
+            row = {"dataset": name, "per_class": budget or "all", "system": system, "labelled": len(fit_x) + len(val_x),
                    "fit": len(fit_x), "val": len(val_x), **scores(test_y, pred, classes), "train_seconds": round(seconds, 1),
                    **extra}
             if short:
@@ -210,7 +223,7 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
             rows.append(row)
             log(f"[{name}] {str(budget or 'all'):>4}/class {system:<16} acc {row['accuracy']:.4f}  "
                 f"macro-F1 {row['macro_f1']:.4f}  {seconds:6.1f} s  {extra}")
-    return {"dataset": name, "texts": len(texts), "classes": len(classes), "train": len(pool_x), "test": len(test_x),
+    return {"dataset": name, "texts": len(pool_x) + len(test_x), "classes": len(classes), "train": len(pool_x), "test": len(test_x),
             "language_model": lm_info, "rows": rows}
 
 

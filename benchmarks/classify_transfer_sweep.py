@@ -20,14 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_classify as bc
-
-from charnn import TextClassifier
-from charnn.classify import stratified_split
 
 
 def variant_params(variant: str) -> dict:
@@ -56,21 +52,14 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     rows = []
     for name in a.datasets.split(","):
-        texts, labels = bc.load(name)
-        classes = np.array(sorted(set(labels.tolist())))
-        tr, te = stratified_split(labels.tolist(), args.test_fraction, args.split_seed)
-        pool_x, pool_y = [texts[i] for i in tr], labels[tr]
-        test_x, test_y = [texts[i] for i in te], labels[te]
+        classes, (pool_x, pool_y), (test_x, test_y) = bc.test_split(name, args)
         workdir = Path(a.workdir) / f"{name}-split{a.split_seed}"
         lm = workdir / "lm"
         if not (lm / "best").exists():
             _, info = bc.train_lm(pool_x, args, workdir)
             print(json.dumps({"dataset": name, "language_model": info}), flush=True)
         for budget in [None if b == "all" else int(b) for b in a.budgets.split(",")]:
-            sel = np.arange(len(pool_x)) if budget is None else bc.per_class_sample(pool_y, budget, args.split_seed + 2)[0]
-            lab_x, lab_y = [pool_x[i] for i in sel], pool_y[sel]
-            fi, vi = stratified_split(lab_y.tolist(), args.val_fraction, args.split_seed + 1)
-            fit_x, fit_y, val_x, val_y = [lab_x[i] for i in fi], lab_y[fi], [lab_x[i] for i in vi], lab_y[vi]
+            (fit_x, fit_y), (val_x, val_y), _ = bc.labelled_sets(pool_x, pool_y, budget, args)
             for variant in a.variants.split(","):
                 seeds = [0] if variant == "tfidf" else [int(s) for s in a.seeds.split(",")]
                 for seed in seeds:
@@ -78,13 +67,9 @@ def main(argv=None) -> None:
                     if variant == "tfidf":
                         pred, _ = bc.tfidf_lr(fit_x, fit_y, val_x, val_y, test_x, classes)
                     else:
-                        epochs, patience = (args.max_epochs, args.patience) if budget is None else \
-                            (args.budget_max_epochs, args.budget_patience)
-                        clf = TextClassifier(hidden=args.hidden, layers=1, embed_dim=64, max_epochs=epochs,
-                                             patience=patience, max_chars=args.max_chars, batch_size=args.batch_size,
-                                             lr=args.lr, balance=name in args.balance.split(","), init_from=str(lm),
-                                             seed=seed, device="cpu", quiet=True, **variant_params(variant))
-                        pred = clf.fit(fit_x, fit_y.tolist(), val_texts=val_x, val_labels=val_y.tolist()).predict(test_x)
+                        pred, _ = bc.charnn_fit(fit_x, fit_y.tolist(), val_x, val_y.tolist(), test_x, args,
+                                                budget=budget, balance=name in args.balance.split(","),
+                                                init_from=str(lm), seed=seed, **variant_params(variant))
                     row = {"dataset": name, "per_class": budget or "all", "variant": variant, "seed": seed,
                            "macro_f1": round(bc.macro_f1(test_y, pred, classes), 4),
                            "seconds": round(time.perf_counter() - t0, 1)}

@@ -229,6 +229,13 @@ def test_cli_says_when_it_chose_the_linear_probe(tiny_run, order_data, tmp_path,
     assert saved["training"]["freeze_encoder"] is expect_probe
 
 
+def test_cli_help_states_the_probe_threshold_in_use():
+    from charnn.classify import PROBE_BELOW_STEPS_PER_EPOCH
+
+    out = CliRunner().invoke(main, ["classify", "train", "--help"])
+    assert f"an epoch is under {PROBE_BELOW_STEPS_PER_EPOCH} steps" in " ".join(out.output.split())
+
+
 def test_classifier_from_scratch_never_freezes(order_data):
     (texts, labels), _ = order_data
     trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "max_epochs": 1}), texts[:40], labels[:40])
