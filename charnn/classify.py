@@ -46,6 +46,7 @@ from .data import read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
+from .probe import C_GRID as PROBE_C_GRID, fit_probe, usable_folds as probe_folds
 from .training import LRSchedule, StopSignals, TrainingInterrupted, make_optimizer
 from .vocab import Vocabulary
 
@@ -56,12 +57,14 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "plateau", "constant")
 THRESHOLD = 0.5  # multi-label: a class is predicted when its probability reaches this
 FINE_TUNE_LR_DECAY = 2.6  # ULMFiT: each layer down learns 2.6 times slower
-# Fine-tuning with fewer steps per epoch than this trains the head only (a linear probe). Gradual
-# unfreezing frees one layer group per epoch; on a few dozen texts an epoch is a handful of steps, so
-# the whole encoder is free before the head has learnt anything and over-fits the labels. Measured on
-# SMS at 10, 50 and 200 texts per class (1, 3 and 12 steps per epoch): the probe scored 0.02-0.07
-# macro-F1 higher; on names at 50 and 200 per class (29 and 92 steps) fine-tuning did better.
-PROBE_BELOW_STEPS_PER_EPOCH = 16
+# Fine-tuning with fewer steps per epoch than this trains the head only (a linear probe, fitted as an
+# L2-regularised logistic regression by charnn.probe). Gradual unfreezing frees one layer group per epoch;
+# on a few hundred texts an epoch is a handful of steps, so the whole encoder is free before the head has
+# learnt anything and over-fits the labels. Measured on the development split (benchmarks/RESULTS.md):
+# on SMS at 10, 50 and 200 texts per class (1, 3 and 12 steps per epoch) the probe scored 0.02-0.09
+# macro-F1 higher, and on names at 50 per class (29 steps) 0.006 higher; on names at 200 per class
+# (92 steps) and with all labels fine-tuning did better.
+PROBE_BELOW_STEPS_PER_EPOCH = 32
 BUCKET_BATCHES = 50  # training batches are cut from shuffled chunks of this many batches, sorted by length
 PREDICT_BATCH = 256
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -464,21 +467,36 @@ def pool(out: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor, how: str)
     return peak if how == "max" else torch.cat([last.to(out.dtype), mean, peak], dim=1)
 
 
-@torch.no_grad()
 def predict_logits(net: ClassifierNet, encoded: Sequence[np.ndarray], *, device: torch.device | str = "cpu",
                    precision: str = "fp32", batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Scores (n, outputs) of encoded texts, in their order; batches of similar length."""
+    return _run_batches(net, net.forward, net.head.out_features, encoded, device, precision, batch_size)
+
+
+def encoder_features(net: ClassifierNet, encoded: Sequence[np.ndarray], *, device: torch.device | str = "cpu",
+                     precision: str = "fp32", batch_size: int = PREDICT_BATCH,
+                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """Pooled encoder features (n, features) of encoded texts, in their order (what the head reads)."""
+    return _run_batches(net, net.encode, net.features, encoded, device, precision, batch_size, on_batch)
+
+
+@torch.no_grad()
+def _run_batches(net: ClassifierNet, fn, width: int, encoded: Sequence[np.ndarray], device, precision: str,
+                 batch_size: int, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """``fn(ids, lengths)`` in eval mode over batches of similar length, rows in the texts' order."""
     device = torch.device(device)
     was_training = net.training
     net.eval()
-    out = np.zeros((len(encoded), net.head.out_features), dtype=np.float32)
+    out = np.zeros((len(encoded), width), dtype=np.float32)
     try:
         lengths = np.array([len(e) for e in encoded], dtype=np.int64)
         for idx in length_batches(lengths, batch_size):
             ids, lens = collate(encoded, idx)
             with autocast(device, precision):
-                logits = net(ids.to(device), lens)
-            out[idx] = logits.float().cpu().numpy()
+                values = fn(ids.to(device), lens)
+            out[idx] = values.float().cpu().numpy()
+            if on_batch:
+                on_batch(len(idx))
     finally:
         net.train(was_training)
     return out
@@ -711,6 +729,7 @@ class ClassifyResult:
     train_chars_per_sec: float
     elapsed: float
     stop_reason: str
+    probe: dict | None = None  # a linear probe's choice: {"c", "folds", "cv_loss"}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -960,6 +979,8 @@ class ClassifierTrainer(BudgetClock):
         if self.run_dir:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_clock()
+        if cfg.freeze_encoder:
+            return self._fit_probe()
         bar = BudgetBar(self, disable=cfg.quiet)
         stop_reason = None
         self.net.train()
@@ -995,12 +1016,42 @@ class ClassifierTrainer(BudgetClock):
                         break
         if self.best_state is not None:
             self.net.load_state_dict(self.best_state)
+        return self._result(stop_reason)
+
+    def _result(self, stop_reason: str, probe: dict | None = None) -> ClassifyResult:
         self.net.eval()
         best = self.best or {}
         return ClassifyResult(self.run_dir, self.step, self._epoch_progress(), best.get("val_macro_f1"),
                               best.get("val_accuracy"), (self.last or {}).get("val_macro_f1"), len(self.texts),
                               len(self.val_texts), self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(),
-                              stop_reason)
+                              stop_reason, probe)
+
+    def _fit_probe(self) -> ClassifyResult:
+        """The linear probe: one pass of the frozen encoder over the training texts, then logistic regression on
+        its pooled features with the L2 strength chosen by cross-validation (:func:`charnn.probe.fit_probe`)."""
+        from tqdm.auto import tqdm
+
+        folds = probe_folds(self.y, self.cfg.multi_label)
+        fits = len(PROBE_C_GRID) * folds + 1 if folds >= 2 else 1
+        with tqdm(total=len(self.texts) + fits, desc="probe", unit="item", disable=self.cfg.quiet, leave=False) as bar:
+            t0 = time.perf_counter()
+            features = encoder_features(self.net, self.train_ids, device=self.device, precision=self.precision,
+                                        on_batch=bar.update)
+            weights = None if self.loss_weights is None else self.loss_weights.cpu()
+            fit = fit_probe(torch.from_numpy(features), self.y, multi_label=self.cfg.multi_label, class_weights=weights,
+                            seed=self.cfg.seed, on_fit=lambda: bar.update(1))
+            self.train_seconds += time.perf_counter() - t0
+        with torch.no_grad():
+            self.net.head.weight.copy_(fit.weight)
+            self.net.head.bias.copy_(fit.bias)
+        self.train_chars += int(self.lengths.sum())
+        self.epoch, self.batch_in_epoch = 1, 0
+        for c, loss in fit.cv_loss.items():
+            self._log({"probe_c": c, "cv_log_loss": round(loss, 5), "folds": fit.folds})
+        probe = {"c": fit.c, "folds": fit.folds, "cv_loss": {f"{c:g}": round(v, 5) for c, v in fit.cv_loss.items()}}
+        self._log({"probe_chosen_c": fit.c})
+        self._evaluate_and_save("linear-probe")
+        return self._result("linear-probe", probe)
 
     def _bar_text(self, loss: float) -> str:
         f1 = f"{self.last['val_macro_f1']:.3f}" if self.last else "-"

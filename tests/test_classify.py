@@ -196,9 +196,9 @@ def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_da
 
 @pytest.mark.parametrize("n_texts, freeze, expect_probe", [
     (64, None, True),      # 4 steps per epoch: too few for gradual unfreezing, so the probe is chosen
-    (256, None, False),    # 16 steps per epoch: gradual unfreezing
+    (512, None, False),    # 32 steps per epoch: gradual unfreezing
     (64, False, False),    # an explicit choice wins either way
-    (256, True, True),
+    (512, True, True),
 ])
 def test_small_labelled_sets_fine_tune_as_a_linear_probe(tiny_run, order_data, n_texts, freeze, expect_probe):
     (texts, labels), _ = order_data
@@ -216,6 +216,23 @@ def test_small_labelled_sets_fine_tune_as_a_linear_probe(tiny_run, order_data, n
     assert encoder_kept is expect_probe
 
 
+def test_a_probe_run_reports_its_choice_and_leaves_the_encoder_alone(tiny_run, order_data, tmp_path):
+    (texts, labels), _ = order_data
+    cfg = ClassifyConfig(hidden=32, embed_dim=16, device="cpu", init_from=str(tiny_run), freeze_encoder=True,
+                         out=str(tmp_path / "run"))
+    trainer = ClassifierTrainer(cfg, texts[:200], labels[:200])
+    encoder_before = {k: v.clone() for k, v in trainer.net.state_dict().items() if not k.startswith("head")}
+    result = trainer.fit()
+    assert result.stop_reason == "linear-probe" and result.steps == 0
+    assert result.probe["c"] in [float(c) for c in result.probe["cv_loss"]]
+    assert result.probe["cv_loss"][f"{result.probe['c']:g}"] == min(result.probe["cv_loss"].values())
+    after = trainer.net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in encoder_before.items())
+    metrics = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "cv_log_loss" in line]
+    assert len(metrics) == len(result.probe["cv_loss"])
+    assert result.best_val_f1 is not None and (tmp_path / "run" / "best").is_dir()
+
+
 @pytest.mark.parametrize("flag, expect_probe", [(None, True), ("--no-freeze-encoder", False)])
 def test_cli_says_when_it_chose_the_linear_probe(tiny_run, order_data, tmp_path, flag, expect_probe):
     (texts, labels), _ = order_data
@@ -225,6 +242,7 @@ def test_cli_says_when_it_chose_the_linear_probe(tiny_run, order_data, tmp_path,
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
     assert ("too few for gradual unfreezing" in out.output) is expect_probe
+    assert ("done (linear probe, C " in out.output and "chosen by 5-fold cross-validation" in out.output) is expect_probe
     saved = json.loads((tmp_path / "r" / "best" / "config.json").read_text())
     assert saved["training"]["freeze_encoder"] is expect_probe
 

@@ -52,8 +52,9 @@ def _data_options(f):
 @click.option("--multi-label", is_flag=True, help="Texts may have several labels (sigmoid outputs, threshold 0.5).")
 @click.option("--init-from", type=click.Path(), help="Start the encoder from this language model (charnn train run); its vocabulary too.")
 @click.option("--freeze-encoder/--no-freeze-encoder", default=None,
-              help="Train the head only (a linear probe of the language model's features).  "
-                   "[default: on with --init-from when an epoch is under 16 steps, i.e. fewer than 16 x batch texts]")
+              help="Train the head only: a linear probe of the language model's features, fitted as logistic regression "
+                   "with its L2 strength chosen by 5-fold cross-validation.  "
+                   "[default: on with --init-from when an epoch is under 32 steps, i.e. fewer than 32 x batch texts]")
 @click.option("--gradual-unfreeze/--no-gradual-unfreeze", default=None, help="Unfreeze one layer per epoch from the top.  [default: on with --init-from]")
 @click.option("--layer-lr-decay", type=float, help="Each layer down learns this many times slower.  [default: 2.6 with --init-from, else 1]")
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell (from scratch).")
@@ -122,8 +123,13 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
         click.echo(json.dumps(result.to_dict()))
         return
     best = f"{result.best_val_f1:.4f} (accuracy {result.best_val_accuracy:.4f})" if result.best_val_f1 is not None else "n/a"
-    log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, {result.elapsed:.1f} s, "
-        f"best validation macro-F1 {best}")
+    if result.probe:
+        how = (f"C {result.probe['c']:g} chosen by {result.probe['folds']}-fold cross-validation" if result.probe["folds"]
+               else f"C {result.probe['c']:g}: too few texts per class to cross-validate")
+        log(f"done (linear probe, {how}): {result.elapsed:.1f} s, validation macro-F1 {best}")
+    else:
+        log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, {result.elapsed:.1f} s, "
+            f"best validation macro-F1 {best}")
     log(f"model saved in {result.run_dir}; evaluate with: charnn classify eval {result.run_dir} TEST_DATA")
 
 
