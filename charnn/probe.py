@@ -14,7 +14,7 @@ macro-F1 against 0.912 for the head trained by Adam with early stopping).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

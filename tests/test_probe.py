@@ -9,8 +9,8 @@ import torch
 from charnn.probe import DEFAULT_C, fit_probe, fold_ids, usable_folds
 
 sklearn = pytest.importorskip("sklearn", reason="scikit-learn (a test extra) checks the probe's solutions")
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.preprocessing import StandardScaler  # noqa: E402
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 
 def blobs(n: int, d: int, classes: int, spread: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
