@@ -13,8 +13,8 @@ macro-F1 against 0.912 for the head trained by Adam with early stopping).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
