@@ -46,7 +46,7 @@ from .data import read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
-from .probe import C_GRID as PROBE_C_GRID, fit_probe, usable_folds as probe_folds
+from .probe import fit_count as probe_fit_count, fit_probe
 from .training import LRSchedule, StopSignals, TrainingInterrupted, make_optimizer
 from .vocab import Vocabulary
 
@@ -1031,15 +1031,14 @@ class ClassifierTrainer(BudgetClock):
         its pooled features with the L2 strength chosen by cross-validation (:func:`charnn.probe.fit_probe`)."""
         from tqdm.auto import tqdm
 
-        folds = probe_folds(self.y, self.cfg.multi_label)
-        fits = len(PROBE_C_GRID) * folds + 1 if folds >= 2 else 1
+        fits = probe_fit_count(self.y, self.cfg.multi_label)
         with tqdm(total=len(self.texts) + fits, desc="probe", unit="item", disable=self.cfg.quiet, leave=False) as bar:
             t0 = time.perf_counter()
             features = encoder_features(self.net, self.train_ids, device=self.device, precision=self.precision,
                                         on_batch=bar.update)
             weights = None if self.loss_weights is None else self.loss_weights.cpu()
             fit = fit_probe(torch.from_numpy(features), self.y, multi_label=self.cfg.multi_label, class_weights=weights,
-                            seed=self.cfg.seed, on_fit=lambda: bar.update(1))
+                            outputs=len(self.classes), seed=self.cfg.seed, on_fit=lambda: bar.update(1))
             self.train_seconds += time.perf_counter() - t0
         with torch.no_grad():
             self.net.head.weight.copy_(fit.weight)

@@ -38,22 +38,23 @@ class ProbeFit:
 
 
 def fit_probe(x: torch.Tensor, y: np.ndarray, *, multi_label: bool = False, class_weights: torch.Tensor | None = None,
-              c_grid: tuple[float, ...] = C_GRID, folds: int = FOLDS, seed: int = 0,
+              outputs: int | None = None, c_grid: tuple[float, ...] = C_GRID, folds: int = FOLDS, seed: int = 0,
               on_fit: Callable[[], None] | None = None) -> ProbeFit:
     """Fit the probe on features ``x`` (n, d) and labels ``y`` (class indices, or a 0/1 matrix).
 
     ``class_weights`` weighs each text's loss by its class (multi-label: the
     positive weight of each class), like the trainer's ``balance``. The C of
     ``c_grid`` with the lowest held-out log-loss over ``folds`` stratified
-    folds is refitted on all of ``x``. ``on_fit`` is called after each fit
-    (for a progress bar); there are ``len(c_grid) * folds + 1`` of them.
+    folds is refitted on all of ``x``. ``outputs``: the number of classes
+    (default: as many as ``y`` shows). ``on_fit`` is called after each fit
+    (for a progress bar); :func:`fit_count` says how many there are.
     """
     x = x.detach().to(torch.float64)
     mean, scale = x.mean(0), x.std(0, unbiased=False)
     scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
     xs = (x - mean) / scale
     target = torch.from_numpy(y.astype(np.float64) if multi_label else y.astype(np.int64))
-    outputs = y.shape[1] if multi_label else int(y.max()) + 1
+    outputs = outputs or (y.shape[1] if multi_label else int(y.max()) + 1)
     weights = None if class_weights is None else class_weights.detach().to(torch.float64).cpu()
     n_folds = usable_folds(y, multi_label, folds)
     cv_loss = {}
@@ -80,6 +81,12 @@ def fit_probe(x: torch.Tensor, y: np.ndarray, *, multi_label: bool = False, clas
     w = w.detach() / scale  # fold the standardisation into the weights
     b = b.detach() - w @ mean
     return ProbeFit(w.float(), b.float(), best_c, n_folds if n_folds >= 2 else 0, cv_loss)
+
+
+def fit_count(y: np.ndarray, multi_label: bool, c_grid: tuple[float, ...] = C_GRID, folds: int = FOLDS) -> int:
+    """How many logistic regressions :func:`fit_probe` solves: each C on each fold, then the final fit."""
+    n_folds = usable_folds(y, multi_label, folds)
+    return len(c_grid) * n_folds + 1 if n_folds >= 2 else 1
 
 
 def usable_folds(y: np.ndarray, multi_label: bool, folds: int = FOLDS) -> int:

@@ -90,3 +90,9 @@ def test_a_class_too_small_to_cross_validate_falls_back_to_the_default_strength(
     assert fit.folds == 0 and fit.c == DEFAULT_C and fit.cv_loss == {}
     assert torch.isfinite(fit.weight).all()
 
+
+
+def test_the_head_has_every_class_even_one_absent_from_the_fitting_texts():
+    x, y = blobs(40, 3, 2, spread=0.5)
+    fit = fit_probe(torch.from_numpy(x), y, outputs=3)  # class 2 went wholly to validation
+    assert fit.weight.shape == (3, 3) and fit.bias.shape == (3,)
