@@ -632,7 +632,7 @@ class ClassifyConfig:
     batch_size: int = 32
     lr: float = 3e-3
     optimizer: str = "adam"
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the optimizer's default (0.01 for AdamW, else 0)
     momentum: float = 0.9
     nesterov: bool = False
     grad_clip: float = 5.0
@@ -678,6 +678,8 @@ class ClassifyConfig:
             (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
             (self.truncation in TRUNCATIONS, f"--truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.weight_decay is None or self.weight_decay >= 0,
+             f"--weight-decay must be 0 (off) or positive, got {self.weight_decay}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
             (self.max_chars is None or self.max_chars >= 1, f"--max-chars must be at least 1, got {self.max_chars}"),
@@ -1252,7 +1254,7 @@ class TextClassifier(_Params):
                  bidirectional=False, min_char_count=1, pooling="concat", head_dropout=0.2, multi_label=False,
                  balance=False, max_chars=1000, truncation="head", init_from=None, freeze_encoder=None,
                  gradual_unfreeze=None, layer_lr_decay=None, batch_size=32, lr=3e-3, optimizer="adam",
-                 weight_decay=0.0, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
+                 weight_decay=None, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
                  min_lr_ratio=0.05, max_epochs=30, max_steps=None, time_budget=None, patience=5, eval_every=None,
                  val_fraction=0.1, seed=1234, device="auto", precision="fp32", out=None, log_every=10, quiet=True):
         self.cell, self.layers, self.hidden, self.embed_dim = cell, layers, hidden, embed_dim

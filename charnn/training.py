@@ -1,7 +1,7 @@
 """Training a character language model with truncated backpropagation through time.
 
 ``train(TrainConfig(...))`` is the whole job behind ``charnn train``: read the
-corpus, build or restore the model, run Adam with warmup and cosine decay to
+corpus, build or restore the model, run AdamW with warmup and cosine decay to
 the end of the budget, validate in bits per character, keep the best and the
 last checkpoint, and stop on the first of max epochs, max steps, the
 wall-clock budget, early stopping or Ctrl-C/SIGTERM (which save a resumable
@@ -64,8 +64,8 @@ class TrainConfig:
     batch_size: int | None = None
     seq_len: int | None = None
     lr: float | None = None
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
+    optimizer: str | None = None  # None: the preset's (AdamW)
+    weight_decay: float | None = None  # None: the preset's with AdamW, else 0
     momentum: float = 0.9
     nesterov: bool = False
     grad_clip: float = 5.0
@@ -132,6 +132,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.seq_len >= 1, f"--seq-len must be at least 1, got {cfg.seq_len}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be 0 (off) or positive, got {cfg.weight_decay}"),
         (cfg.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {cfg.grad_clip}"),
         (cfg.grad_accum is not None and cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
         (cfg.min_char_count >= 1, f"--min-char-count must be at least 1, got {cfg.min_char_count}"),
@@ -151,6 +152,8 @@ def _fill_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """Replace every ``None`` by the preset's or the device's recommended value."""
     cfg.grad_accum = cfg.grad_accum or 1
     rec = recommend(device, cfg.time_budget, cfg.preset)
+    if cfg.weight_decay is None and cfg.optimizer not in (None, rec["optimizer"]):
+        cfg.weight_decay = 0.0  # the recommended decay belongs to the recommended optimizer
     for name, value in rec.items():
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
@@ -170,15 +173,18 @@ def _fit_global_batch(cfg: TrainConfig, train_state: dict, world_size: int) -> N
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over the trainable ``params``; a ``weight_decay`` of None is the optimizer's own default
+    (PyTorch's: 0.01 for AdamW, whose decay is decoupled from the gradient; 0 for the others)."""
     params = [p for p in params if p.requires_grad]
+    decay = cfg.weight_decay if cfg.weight_decay is not None else 0.01 if cfg.optimizer == "adamw" else 0.0
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 0.01)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay)
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.95, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.95, weight_decay=decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=decay)
 
 
 class LRSchedule:
@@ -516,7 +522,8 @@ class Trainer(BudgetClock):
             + (f" x {self.world_size} processes" if self.world_size > 1 else "")
             + f", {self.steps_per_epoch} steps per epoch\n"
             f"device: {self.device} ({self.precision}), {torch.get_num_threads()} CPU threads; "
-            f"lr {c.lr:g} ({c.schedule}), budget: {_budget_text(c)}\n"
+            f"{c.optimizer} lr {c.lr:g} ({c.schedule})" + (f", weight decay {c.weight_decay:g}" if c.weight_decay else "")
+            + f", budget: {_budget_text(c)}\n"
             f"run directory: {self.run_dir}"
         )
 

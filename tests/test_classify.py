@@ -550,3 +550,12 @@ def test_charnn_works_without_scikit_learn():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "['balance', 'batch_size']" in out.stdout
+
+
+@pytest.mark.parametrize("options, decay", [({"optimizer": "adamw"}, 0.01), ({"optimizer": "adamw", "weight_decay": 0.0}, 0.0),
+                                            ({}, 0.0)], ids=["adamw-default", "adamw-no-decay", "adam"])
+def test_classifier_weight_decay(order_data, options, decay):
+    """A classifier's optimizer keeps PyTorch's own decay unless told otherwise; an explicit 0 means none."""
+    (texts, labels), _ = order_data
+    trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "val_fraction": 0.0, **options}), texts[:32], labels[:32])
+    assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {decay}

@@ -257,3 +257,36 @@ def test_identity_init_is_the_irnn():
     for k in range(2):
         assert torch.equal(getattr(model.rnn, f"weight_hh_l{k}"), torch.eye(12))
         assert not getattr(model.rnn, f"bias_hh_l{k}").any()
+
+
+# -- weight decay: AdamW's decoupled decay by default, none for an optimizer chosen without it ------
+@pytest.mark.parametrize("options, optimizer_class, decay", [
+    ({}, torch.optim.AdamW, 0.1),
+    (dict(optimizer="adam"), torch.optim.Adam, 0.0),
+    (dict(optimizer="sgd", lr=0.1), torch.optim.SGD, 0.0),
+    (dict(optimizer="adamw", weight_decay=0.0), torch.optim.AdamW, 0.0),
+    (dict(optimizer="adam", weight_decay=1e-4), torch.optim.Adam, 1e-4),
+], ids=["default", "adam", "sgd", "adamw-no-decay", "adam-l2"])
+def test_weight_decay_defaults(small_corpus, tmp_path, options, optimizer_class, decay):
+    trainer = train_few(small_corpus, tmp_path / "run", steps=2, **options)
+    assert type(trainer.optimizer) is optimizer_class
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [decay]
+    assert ckpt.load_checkpoint(trainer.run_dir, which="last").config["training"]["weight_decay"] == decay
+
+
+def test_cli_reports_the_optimizer_and_its_decay(small_corpus, tmp_path):
+    base = ["train", str(small_corpus), "--max-steps", "2", "--layers", "1", "--hidden", "16", "--batch-size", "4",
+            "--seq-len", "16", "--precision", "fp32"]
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "default")])
+    assert result.exit_code == 0, result.output
+    assert "adamw lr" in result.output and "weight decay 0.1" in result.output
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "adam"), "--optimizer", "adam"])
+    assert result.exit_code == 0, result.output
+    assert "adam lr" in result.output and "weight decay" not in result.output
+    assert ckpt.load_checkpoint(tmp_path / "adam", which="last").config["training"]["weight_decay"] == 0.0
+
+
+def test_negative_weight_decay_is_refused(small_corpus, tmp_path):
+    result = CliRunner().invoke(main, ["train", str(small_corpus), "--out", str(tmp_path / "x"), "--weight-decay", "-1"])
+    assert result.exit_code == 2 and "--weight-decay must be 0 (off) or positive" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()

@@ -75,7 +75,7 @@ def _data_options(f):
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Texts per step.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Learning rate of the head (and of every layer without --layer-lr-decay).")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), default="adam", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw.  [default: 0.01 with adamw, else 0]")
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
 @click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear learning-rate warmup.")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine", show_default=True)
