@@ -261,7 +261,7 @@ def test_identity_init_is_the_irnn():
 
 # -- weight decay: AdamW's decoupled decay by default, none for an optimizer chosen without it ------
 @pytest.mark.parametrize("options, optimizer_class, decay", [
-    ({}, torch.optim.AdamW, 0.1),
+    ({}, torch.optim.AdamW, 0.2),
     (dict(optimizer="adam"), torch.optim.Adam, 0.0),
     (dict(optimizer="sgd", lr=0.1), torch.optim.SGD, 0.0),
     (dict(optimizer="adamw", weight_decay=0.0), torch.optim.AdamW, 0.0),
@@ -279,7 +279,7 @@ def test_cli_reports_the_optimizer_and_its_decay(small_corpus, tmp_path):
             "--seq-len", "16", "--precision", "fp32"]
     result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "default")])
     assert result.exit_code == 0, result.output
-    assert "adamw lr" in result.output and "weight decay 0.1" in result.output
+    assert "adamw lr" in result.output and "weight decay 0.2" in result.output
     result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "adam"), "--optimizer", "adam"])
     assert result.exit_code == 0, result.output
     assert "adam lr" in result.output and "weight decay" not in result.output

@@ -69,7 +69,7 @@ def fit_or_exit(trainer, command: str):
 @click.option("--seq-len", type=int, help="Characters per truncated-BPTT chunk.")
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), help="  [default: adamw]")
-@click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw.  [default: 0.1 with adamw, else 0]")
+@click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw.  [default: 0.2 with adamw, else 0]")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--nesterov", is_flag=True, help="Nesterov momentum for SGD.")
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
