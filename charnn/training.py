@@ -1,7 +1,7 @@
 """Training a character language model with truncated backpropagation through time.
 
 ``train(TrainConfig(...))`` is the whole job behind ``charnn train``: read the
-corpus, build or restore the model, run AdamW with warmup and cosine decay to
+corpus, build or restore the model, run Adam (or AdamW) with warmup and cosine decay to
 the end of the budget, validate in bits per character, keep the best and the
 last checkpoint, and stop on the first of max epochs, max steps, the
 wall-clock budget, early stopping or Ctrl-C/SIGTERM (which save a resumable
@@ -64,8 +64,8 @@ class TrainConfig:
     batch_size: int | None = None
     seq_len: int | None = None
     lr: float | None = None
-    optimizer: str | None = None  # None: the preset's (AdamW)
-    weight_decay: float | None = None  # None: the preset's with AdamW, else 0
+    optimizer: str | None = None  # None: the preset's
+    weight_decay: float | None = None  # None: the preset's for its optimizer, else the optimizer's own default
     momentum: float = 0.9
     nesterov: bool = False
     grad_clip: float = 5.0
@@ -153,7 +153,7 @@ def _fill_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     cfg.grad_accum = cfg.grad_accum or 1
     rec = recommend(device, cfg.time_budget, cfg.preset)
     if cfg.weight_decay is None and cfg.optimizer not in (None, rec["optimizer"]):
-        cfg.weight_decay = 0.0  # the recommended decay belongs to the recommended optimizer
+        cfg.weight_decay = default_weight_decay(cfg.optimizer)  # the preset's decay belongs to the preset's optimizer
     for name, value in rec.items():
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
@@ -172,11 +172,15 @@ def _fit_global_batch(cfg: TrainConfig, train_state: dict, world_size: int) -> N
     cfg.batch_size = streams // per_process
 
 
+def default_weight_decay(optimizer: str) -> float:
+    """PyTorch's own default: 0.01 for AdamW, whose decay is decoupled from the gradient; 0 for the others."""
+    return 0.01 if optimizer == "adamw" else 0.0
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` over the trainable ``params``; a ``weight_decay`` of None is the optimizer's own default
-    (PyTorch's: 0.01 for AdamW, whose decay is decoupled from the gradient; 0 for the others)."""
+    """``cfg.optimizer`` over the trainable ``params``; a ``weight_decay`` of None is the optimizer's default."""
     params = [p for p in params if p.requires_grad]
-    decay = cfg.weight_decay if cfg.weight_decay is not None else 0.01 if cfg.optimizer == "adamw" else 0.0
+    decay = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(cfg.optimizer)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=decay)
     if cfg.optimizer == "adamw":

@@ -259,14 +259,17 @@ def test_identity_init_is_the_irnn():
         assert not getattr(model.rnn, f"bias_hh_l{k}").any()
 
 
-# -- weight decay: AdamW's decoupled decay by default, none for an optimizer chosen without it ------
+# -- weight decay: AdamW's decoupled decay for the medium preset, none for the others ------------------
 @pytest.mark.parametrize("options, optimizer_class, decay", [
-    ({}, torch.optim.AdamW, 0.2),
-    (dict(optimizer="adam"), torch.optim.Adam, 0.0),
+    ({}, torch.optim.Adam, 0.0),  # no budget on a CPU: the small preset
+    (dict(preset="medium"), torch.optim.AdamW, 0.2),
+    (dict(time_budget=600.0), torch.optim.AdamW, 0.2),  # ten minutes on a CPU: medium
+    (dict(preset="medium", optimizer="adam"), torch.optim.Adam, 0.0),
+    (dict(optimizer="adamw"), torch.optim.AdamW, 0.01),  # another optimizer than the preset's: PyTorch's default
     (dict(optimizer="sgd", lr=0.1), torch.optim.SGD, 0.0),
-    (dict(optimizer="adamw", weight_decay=0.0), torch.optim.AdamW, 0.0),
+    (dict(preset="medium", weight_decay=0.0), torch.optim.AdamW, 0.0),
     (dict(optimizer="adam", weight_decay=1e-4), torch.optim.Adam, 1e-4),
-], ids=["default", "adam", "sgd", "adamw-no-decay", "adam-l2"])
+], ids=["small", "medium", "ten-minutes", "medium-adam", "small-adamw", "sgd", "medium-no-decay", "adam-l2"])
 def test_weight_decay_defaults(small_corpus, tmp_path, options, optimizer_class, decay):
     trainer = train_few(small_corpus, tmp_path / "run", steps=2, **options)
     assert type(trainer.optimizer) is optimizer_class
@@ -277,13 +280,13 @@ def test_weight_decay_defaults(small_corpus, tmp_path, options, optimizer_class,
 def test_cli_reports_the_optimizer_and_its_decay(small_corpus, tmp_path):
     base = ["train", str(small_corpus), "--max-steps", "2", "--layers", "1", "--hidden", "16", "--batch-size", "4",
             "--seq-len", "16", "--precision", "fp32"]
-    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "default")])
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "medium"), "--preset", "medium"])
     assert result.exit_code == 0, result.output
     assert "adamw lr" in result.output and "weight decay 0.2" in result.output
-    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "adam"), "--optimizer", "adam"])
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "small")])
     assert result.exit_code == 0, result.output
     assert "adam lr" in result.output and "weight decay" not in result.output
-    assert ckpt.load_checkpoint(tmp_path / "adam", which="last").config["training"]["weight_decay"] == 0.0
+    assert ckpt.load_checkpoint(tmp_path / "small", which="last").config["training"]["weight_decay"] == 0.0
 
 
 def test_negative_weight_decay_is_refused(small_corpus, tmp_path):

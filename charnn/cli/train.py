@@ -68,8 +68,11 @@ def fit_or_exit(trainer, command: str):
 @click.option("--batch-size", type=int, help="Parallel text streams per step.")
 @click.option("--seq-len", type=int, help="Characters per truncated-BPTT chunk.")
 @click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), help="  [default: adamw]")
-@click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw.  [default: 0.2 with adamw, else 0]")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]),
+              help="Optimizer; adamw decays the weights apart from the gradient.  [default: the preset's: adamw for "
+                   "medium, else adam]")
+@click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw.  [default: the preset's (medium: 0.2); "
+                                                 "with another optimizer, 0.01 for adamw, else 0]")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--nesterov", is_flag=True, help="Nesterov momentum for SGD.")
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
