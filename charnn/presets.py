@@ -24,8 +24,8 @@ PRESETS: dict[str, dict] = {
     "small": dict(layers=2, hidden=256, dropout=0.1, batch_size=16, seq_len=128),
     # ten minutes to an hour on a CPU, minutes on a GPU. The 2x384 over-fits tiny Shakespeare within ten
     # minutes on a CPU; AdamW's decoupled weight decay of 0.2 gained 0.024 bits/char there (0.1: 0.018). The
-    # 2x256 of "small" lost 0.036 with it over 3,000 steps, where it does not over-fit (benchmarks/RESULTS.md,
-    # session 7), so the other presets keep Adam without decay.
+    # 2x256 of "small" lost 0.036 with it over 3,000 steps, where it does not over-fit, and the 2x384 lost 0.012
+    # over 5.5 epochs (benchmarks/RESULTS.md, session 7): the decay pays on runs of about ten epochs or more.
     "medium": dict(layers=2, hidden=384, dropout=0.2, batch_size=16, seq_len=128, lr=3e-3, optimizer="adamw",
                    weight_decay=0.2),
     # hours on a GPU
