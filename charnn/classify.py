@@ -47,14 +47,12 @@ from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import LRSchedule, StopSignals, TrainingInterrupted, make_optimizer
+from .training import OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, make_optimizer
 from .vocab import Vocabulary
 
 KIND = "classifier"
 POOLINGS = ("last", "mean", "max", "concat")
 TRUNCATIONS = ("head", "tail", "both")
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-SCHEDULES = ("cosine", "plateau", "constant")
 THRESHOLD = 0.5  # multi-label: a class is predicted when its probability reaches this
 FINE_TUNE_LR_DECAY = 2.6  # ULMFiT: each layer down learns 2.6 times slower
 # Fine-tuning with fewer steps per epoch than this trains the head only (a linear probe, fitted as an

@@ -91,7 +91,6 @@ def test_a_class_too_small_to_cross_validate_falls_back_to_the_default_strength(
     assert torch.isfinite(fit.weight).all()
 
 
-
 def test_the_head_has_every_class_even_one_absent_from_the_fitting_texts():
     x, y = blobs(40, 3, 2, spread=0.5)
     fit = fit_probe(torch.from_numpy(x), y, outputs=3)  # class 2 went wholly to validation
