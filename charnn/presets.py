@@ -15,6 +15,7 @@ from .errors import CharnnError
 COMMON = dict(
     cell="lstm", embed_dim=64, embed_dropout=0.0, weight_drop=0.0, tie_weights=False, init="orthogonal", forget_bias=1.0,
     activation="tanh", gate_slope=1.0, layer_norm=False, lr=2e-3, warmup_steps=100, optimizer="adam", weight_decay=0.0,
+    weight_decay_ramp=None,
 )
 
 PRESETS: dict[str, dict] = {
@@ -25,9 +26,10 @@ PRESETS: dict[str, dict] = {
     # ten minutes to an hour on a CPU, minutes on a GPU. The 2x384 over-fits tiny Shakespeare within ten
     # minutes on a CPU; AdamW's decoupled weight decay of 0.2 gained 0.024 bits/char there (0.1: 0.018). The
     # 2x256 of "small" lost 0.036 with it over 3,000 steps, where it does not over-fit, and the 2x384 lost 0.012
-    # over 5.5 epochs (benchmarks/RESULTS.md, session 7): the decay pays on runs of about ten epochs or more.
+    # over 5.5 epochs (benchmarks/RESULTS.md, session 7): the decay pays on runs of about ten epochs or more,
+    # so it follows the planned epochs: none up to 6, all of it from 10, linear in between.
     "medium": dict(layers=2, hidden=384, dropout=0.2, batch_size=16, seq_len=128, lr=3e-3, optimizer="adamw",
-                   weight_decay=0.2),
+                   weight_decay=0.2, weight_decay_ramp=[6.0, 10.0]),
     # hours on a GPU
     "large": dict(layers=3, hidden=1024, embed_dim=128, dropout=0.3, batch_size=128, seq_len=256, lr=1e-3,
                   warmup_steps=500),

@@ -66,6 +66,9 @@ class TrainConfig:
     lr: float | None = None
     optimizer: str | None = None  # None: the preset's
     weight_decay: float | None = None  # None: the preset's for its optimizer, else the optimizer's own default
+    # [from, full] planned epochs: no decay up to ``from``, all of ``weight_decay`` from ``full``, linear between.
+    # None: the preset's when the decay is the preset's too (medium: [6, 10]), else the decay is fixed.
+    weight_decay_ramp: list[float] | None = None
     momentum: float = 0.9
     nesterov: bool = False
     grad_clip: float = 5.0
@@ -122,6 +125,7 @@ class TrainResult:
     train_chars_per_sec: float
     elapsed: float
     stop_reason: str
+    weight_decay: float | None = None  # the decay used in the end (it can follow the planned epochs)
 
 
 # -- setup helpers ------------------------------------------------------------------------------
@@ -142,6 +146,9 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.patience is None or cfg.patience >= 1, f"--patience must be at least 1, got {cfg.patience}"),
         (cfg.eval_every is None or cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
         (0 <= cfg.average_last < 1, f"--average-last must be in [0, 1), got {cfg.average_last}"),
+        (cfg.weight_decay_ramp is None or (len(cfg.weight_decay_ramp) == 2 and 0 <= cfg.weight_decay_ramp[0]
+                                           < cfg.weight_decay_ramp[1]),
+         f"weight_decay_ramp must be [from, full] epochs with 0 <= from < full, got {cfg.weight_decay_ramp}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -154,10 +161,24 @@ def _fill_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     rec = recommend(device, cfg.time_budget, cfg.preset)
     if cfg.weight_decay is None and cfg.optimizer not in (None, rec["optimizer"]):
         cfg.weight_decay = default_weight_decay(cfg.optimizer)  # the preset's decay belongs to the preset's optimizer
+    if cfg.weight_decay is not None and cfg.weight_decay_ramp is None:
+        rec["weight_decay_ramp"] = None  # a decay the user chose is used as it is
     for name, value in rec.items():
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
     return cfg
+
+
+def ramped_weight_decay(cfg: TrainConfig, planned_epochs: float) -> float:
+    """The decay for a run of ``planned_epochs``: ``cfg.weight_decay`` scaled by ``cfg.weight_decay_ramp``.
+
+    Decay regularises: it pays once a model starts to over-fit (the 2x384 on
+    tiny Shakespeare after about ten epochs) and only slows a shorter run.
+    """
+    if cfg.weight_decay_ramp is None:
+        return cfg.weight_decay
+    start, full = cfg.weight_decay_ramp
+    return cfg.weight_decay * min(max((planned_epochs - start) / (full - start), 0.0), 1.0)
 
 
 def _fit_global_batch(cfg: TrainConfig, train_state: dict, world_size: int) -> None:
@@ -315,6 +336,10 @@ class Trainer(BudgetClock):
         self.batcher = StreamBatcher(self.corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.rank,
                                      self.world_size, self.cfg.grad_accum)
         self.optimizer = make_optimizer(self.cfg, self.model.parameters())
+        self.planned_epochs: float | None = None
+        self.decay_decided = self.cfg.weight_decay_ramp is None
+        if not self.decay_decided:
+            self._set_weight_decay(0.0)  # until the budget's epochs are known (after warmup for a time budget)
         self.schedule = LRSchedule(self.cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ddp = None
@@ -376,6 +401,7 @@ class Trainer(BudgetClock):
         trainer = cls(cfg, resume_from=source, **kwargs)
         if (cfg.max_steps, cfg.max_epochs, cfg.time_budget) != budget_before:
             trainer.average.reset()  # a new budget has a new end to average over
+            trainer.decay_decided = cfg.weight_decay_ramp is None  # and, with a ramp, its own weight decay
         return trainer
 
     def _restore(self, source: ckpt.Checkpoint) -> None:
@@ -386,6 +412,8 @@ class Trainer(BudgetClock):
         for name in ("step", "epoch", "batch_in_epoch", "offset", "train_chars", "train_seconds", "best_val",
                      "last_val", "bad_evals"):
             setattr(self, name, st[name])
+        self.decay_decided = st.get("weight_decay_decided", True)  # the optimizer state holds the decay itself
+        self.planned_epochs = st.get("planned_epochs")
         self.elapsed_before = st["elapsed"]
         own_rng = f"rng.torch.{self.rank}"
         torch.set_rng_state(tensors[own_rng] if own_rng in tensors else tensors["rng.torch.0"])
@@ -400,6 +428,41 @@ class Trainer(BudgetClock):
             ckpt.truncate_metrics(self.run_dir, self.step)
 
     # -- budget -------------------------------------------------------------------------------------
+    def _planned_epochs(self) -> float:
+        """Epochs the budget allows: from the step and epoch limits, and for a time limit from the pace so far."""
+        cfg, limits = self.cfg, []
+        if cfg.max_epochs:
+            limits.append(cfg.max_epochs)
+        if cfg.max_steps:
+            limits.append(cfg.max_steps / max(self.steps_per_epoch, 1))
+        if cfg.time_budget:
+            limits.append(cfg.time_budget * self._epoch_progress() / max(self._elapsed(), 1e-9))
+        return min(limits, default=math.inf)
+
+    def _decay_due(self) -> bool:
+        """With a weight-decay ramp: decide at the start, or after warmup when the pace of a time budget is known."""
+        if self.decay_decided:
+            return False
+        return not self.cfg.time_budget or self.step >= max(self.cfg.warmup_steps or 0, 50)
+
+    def _decide_weight_decay(self) -> None:
+        planned = self._planned_epochs()
+        if math.isfinite(planned):  # processes time slightly different paces: they use their mean
+            planned = self.dist.sum([planned], self.device)[0] / self.world_size
+        self.planned_epochs = planned
+        self._set_weight_decay(ramped_weight_decay(self.cfg, planned))
+        self.decay_decided = True
+        self._log({"weight_decay": self.weight_decay, "planned_epochs": round(planned, 2)})
+
+    def _set_weight_decay(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = value
+
+    @property
+    def weight_decay(self) -> float:
+        """The decay the optimizer applies now."""
+        return self.optimizer.param_groups[0]["weight_decay"]
+
     # -- one step -------------------------------------------------------------------------------------
     @property
     def steps_per_epoch(self) -> int:
@@ -461,7 +524,7 @@ class Trainer(BudgetClock):
             "summary": {
                 "step": self.step, "epoch": round(self._epoch_progress(), 4), "val_bpc": self.last_val,
                 "best_val_bpc": self.best_val, "averaged_steps": self.average.count,
-                "train_chars": self.train_chars, "device": str(self.device),
+                "weight_decay": self.weight_decay, "train_chars": self.train_chars, "device": str(self.device),
                 "precision": self.precision, "parameters": self.model.num_parameters(),
                 "corpus_chars": self.corpus.n_chars, "elapsed": round(self._elapsed(), 2),
             },
@@ -483,7 +546,8 @@ class Trainer(BudgetClock):
                 "train_seconds": self.train_seconds, "best_val": self.best_val, "last_val": self.last_val,
                 "bad_evals": self.bad_evals, "elapsed": self._elapsed(),
                 "global_streams": self.batcher.n_streams, "world_size": self.world_size,
-                "averaged_steps": self.average.count,
+                "averaged_steps": self.average.count, "weight_decay_decided": self.decay_decided,
+                "planned_epochs": self.planned_epochs,
             }
             tensors.update(gathered)
             tensors.update(self.average.state_tensors())
@@ -526,7 +590,7 @@ class Trainer(BudgetClock):
             + (f" x {self.world_size} processes" if self.world_size > 1 else "")
             + f", {self.steps_per_epoch} steps per epoch\n"
             f"device: {self.device} ({self.precision}), {torch.get_num_threads()} CPU threads; "
-            f"{c.optimizer} lr {c.lr:g} ({c.schedule})" + (f", weight decay {c.weight_decay:g}" if c.weight_decay else "")
+            f"{c.optimizer} lr {c.lr:g} ({c.schedule})" + _decay_text(c)
             + f", budget: {_budget_text(c)}\n"
             f"run directory: {self.run_dir}"
         )
@@ -559,6 +623,8 @@ class Trainer(BudgetClock):
                     self.offset = int(torch.randint(0, cfg.seq_len, (1,), generator=self.offset_rng))
                     self.hidden = None
                 for x, y in self.batcher.batches(self.offset, self.batch_in_epoch):
+                    if self._decay_due():
+                        self._decide_weight_decay()
                     lr = self._set_lr()
                     t0 = time.perf_counter()
                     loss = self.train_step(x, y)
@@ -591,7 +657,8 @@ class Trainer(BudgetClock):
                     if stop_reason or self.batch_in_epoch == 0:
                         break
         return TrainResult(self.run_dir, self.step, self._epoch_progress(), self.best_val, self.last_val,
-                           self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(), stop_reason)
+                           self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(), stop_reason,
+                           self.weight_decay)
 
     def _in_averaging_window(self) -> bool:
         return bool(self.cfg.average_last) and self.progress() >= 1.0 - self.cfg.average_last
@@ -624,6 +691,15 @@ def map_states(fn, states: list):
     if isinstance(states[0], tuple):
         return tuple(fn(*parts) for parts in zip(*states))
     return fn(*states)
+
+
+def _decay_text(cfg: TrainConfig) -> str:
+    if not cfg.weight_decay:
+        return ""
+    if cfg.weight_decay_ramp is None:
+        return f", weight decay {cfg.weight_decay:g}"
+    start, full = cfg.weight_decay_ramp
+    return f", weight decay {cfg.weight_decay:g} if the budget allows {full:g} epochs (none up to {start:g}, linear between)"
 
 
 def _budget_text(cfg: TrainConfig) -> str:

@@ -150,3 +150,14 @@ def test_training_reads_a_memory_mapped_corpus(small_corpus, tmp_path, monkeypat
                                   quiet=True))
     assert isinstance(trainer.corpus.train, np.memmap)
     assert trainer.fit().steps == 5
+
+
+def test_processes_decide_the_weight_decay_together_after_warmup(small_corpus, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun(small_corpus, run, *settings(**{"--preset": "medium", "--layers": 1, "--hidden": 16, "--batch-size": 8,
+                                              "--warmup-steps": 2, "--time": "10m", "--max-steps": 55}))
+    decided = [r for r in ckpt.read_metrics(run) if "weight_decay" in r]
+    assert [r["step"] for r in decided] == [50]  # once, by every process at the same step (a collective)
+    assert decided[0]["planned_epochs"] == pytest.approx(55 / 105, abs=0.05) and decided[0]["weight_decay"] == 0.0
+    state = ckpt.load_checkpoint(run, which="last", with_train_state=True).train_state
+    assert state["weight_decay_decided"] and round(state["planned_epochs"], 2) == decided[0]["planned_epochs"]

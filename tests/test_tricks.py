@@ -16,6 +16,7 @@ from charnn.cli import main
 from charnn.errors import CharnnError
 from charnn.lm import load_language_model
 from charnn.model import GAUSSIAN_STD, CharRNN, ModelConfig, build_recurrent, init_recurrent
+from charnn.training import ramped_weight_decay
 
 TINY = dict(layers=2, hidden=32, embed_dim=16, batch_size=8, seq_len=24, warmup_steps=2, lr=3e-3, log_every=1,
             precision="fp32", device="cpu", quiet=True)
@@ -260,21 +261,87 @@ def test_identity_init_is_the_irnn():
 
 
 # -- weight decay: AdamW's decoupled decay for the medium preset, none for the others ------------------
-@pytest.mark.parametrize("options, optimizer_class, decay", [
-    ({}, torch.optim.Adam, 0.0),  # no budget on a CPU: the small preset
-    (dict(preset="medium"), torch.optim.AdamW, 0.2),
-    (dict(time_budget=600.0), torch.optim.AdamW, 0.2),  # ten minutes on a CPU: medium
-    (dict(preset="medium", optimizer="adam"), torch.optim.Adam, 0.0),
-    (dict(optimizer="adamw"), torch.optim.AdamW, 0.01),  # another optimizer than the preset's: PyTorch's default
-    (dict(optimizer="sgd", lr=0.1), torch.optim.SGD, 0.0),
-    (dict(preset="medium", weight_decay=0.0), torch.optim.AdamW, 0.0),
-    (dict(optimizer="adam", weight_decay=1e-4), torch.optim.Adam, 1e-4),
-], ids=["small", "medium", "ten-minutes", "medium-adam", "small-adamw", "sgd", "medium-no-decay", "adam-l2"])
-def test_weight_decay_defaults(small_corpus, tmp_path, options, optimizer_class, decay):
+MEDIUM_RAMP = [6.0, 10.0]
+
+
+@pytest.mark.parametrize("options, optimizer_class, decay, ramp", [
+    ({}, torch.optim.Adam, 0.0, None),  # no budget on a CPU: the small preset
+    (dict(preset="medium"), torch.optim.AdamW, 0.2, MEDIUM_RAMP),
+    (dict(time_budget=600.0), torch.optim.AdamW, 0.2, MEDIUM_RAMP),  # ten minutes on a CPU: medium
+    (dict(preset="medium", optimizer="adam"), torch.optim.Adam, 0.0, None),
+    (dict(optimizer="adamw"), torch.optim.AdamW, 0.01, None),  # another optimizer than the preset's: PyTorch's default
+    (dict(optimizer="sgd", lr=0.1), torch.optim.SGD, 0.0, None),
+    (dict(preset="medium", weight_decay=0.0), torch.optim.AdamW, 0.0, None),
+    (dict(preset="medium", weight_decay=0.2), torch.optim.AdamW, 0.2, None),  # given: used as it is, from the start
+    (dict(optimizer="adam", weight_decay=1e-4), torch.optim.Adam, 1e-4, None),
+], ids=["small", "medium", "ten-minutes", "medium-adam", "small-adamw", "sgd", "medium-no-decay", "medium-fixed",
+        "adam-l2"])
+def test_weight_decay_defaults(small_corpus, tmp_path, options, optimizer_class, decay, ramp):
     trainer = train_few(small_corpus, tmp_path / "run", steps=2, **options)
     assert type(trainer.optimizer) is optimizer_class
-    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [decay]
-    assert ckpt.load_checkpoint(trainer.run_dir, which="last").config["training"]["weight_decay"] == decay
+    assert (trainer.cfg.weight_decay, trainer.cfg.weight_decay_ramp) == (decay, ramp)
+    if ramp is None:
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [decay]
+    else:  # two steps are far fewer than 6 epochs: no decay yet
+        assert trainer.weight_decay == 0.0
+    training = ckpt.load_checkpoint(trainer.run_dir, which="last").config["training"]
+    assert (training["weight_decay"], training["weight_decay_ramp"]) == (decay, ramp)
+
+
+@pytest.mark.parametrize("epochs, decay", [(3.0, 0.0), (6.0, 0.0), (8.0, 0.1), (10.0, 0.2), (40.0, 0.2),
+                                           (math.inf, 0.2)])
+def test_the_decay_ramp(epochs, decay):
+    cfg = TrainConfig(weight_decay=0.2, weight_decay_ramp=MEDIUM_RAMP)
+    assert ramped_weight_decay(cfg, epochs) == pytest.approx(decay)
+    assert ramped_weight_decay(TrainConfig(weight_decay=0.2), epochs) == 0.2  # no ramp: fixed
+
+
+@pytest.fixture(scope="module")
+def short_corpus(tmp_path_factory, docs_text):
+    """Text for 30 steps per epoch of a 4 x 16 batch."""
+    path = tmp_path_factory.mktemp("short") / "short.txt"
+    path.write_text(docs_text[:2200], encoding="utf-8")
+    return path
+
+
+RAMP_RUN = dict(preset="medium", layers=1, hidden=16, embed_dim=8, batch_size=4, seq_len=16, warmup_steps=2,
+                precision="fp32", device="cpu", quiet=True, patience=None, average_last=0.0)
+
+
+@pytest.mark.parametrize("max_epochs, decay", [(4, 0.0), (8, 0.1), (12, 0.2)])
+def test_medium_decay_follows_the_epoch_budget(short_corpus, tmp_path, max_epochs, decay):
+    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], max_epochs=max_epochs, out=str(tmp_path / "r"),
+                                  **RAMP_RUN))
+    result = trainer.fit()
+    assert result.weight_decay == pytest.approx(decay) and trainer.weight_decay == pytest.approx(decay)
+    decided = [r for r in ckpt.read_metrics(trainer.run_dir) if "weight_decay" in r]
+    assert [(r["step"], r["planned_epochs"]) for r in decided] == [(0, max_epochs)]  # decided before the first step
+    summary = ckpt.load_checkpoint(trainer.run_dir, which="last").config["summary"]
+    assert summary["weight_decay"] == pytest.approx(decay)
+
+
+@pytest.mark.parametrize("seconds, decay", [(3.0, 0.2), (2.0, 0.2 * (200 / 30 - 6) / 4)])
+def test_a_time_budget_decides_the_decay_after_warmup_from_the_pace(short_corpus, tmp_path, monkeypatch,
+                                                                    seconds, decay):
+    monkeypatch.setattr(Trainer, "_elapsed", lambda self: self.step * 0.01)  # a steady clock: 100 steps a second
+    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], time_budget=seconds, out=str(tmp_path / "r"),
+                                  **RAMP_RUN))
+    assert trainer.steps_per_epoch == 30
+    result = trainer.fit()
+    assert result.stop_reason == "time" and result.weight_decay == pytest.approx(decay)
+    decided = [r for r in ckpt.read_metrics(trainer.run_dir) if "weight_decay" in r]
+    assert [r["step"] for r in decided] == [50]  # after the warmup, once the pace is known
+    assert decided[0]["planned_epochs"] == pytest.approx(seconds * 100 / 30, abs=0.01)
+
+
+def test_resume_keeps_the_decided_decay_and_a_new_budget_decides_again(short_corpus, tmp_path):
+    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], max_epochs=4, out=str(tmp_path / "r"), **RAMP_RUN))
+    trainer.fit()
+    again = Trainer.resume(trainer.run_dir)
+    assert again.decay_decided and again.weight_decay == 0.0 and again.planned_epochs == 4
+    longer = Trainer.resume(trainer.run_dir, {"max_epochs": 12})
+    assert not longer.decay_decided
+    assert longer.fit().weight_decay == pytest.approx(0.2) and longer.planned_epochs == 12
 
 
 def test_cli_reports_the_optimizer_and_its_decay(small_corpus, tmp_path):

@@ -71,8 +71,9 @@ def fit_or_exit(trainer, command: str):
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]),
               help="Optimizer; adamw decays the weights apart from the gradient.  [default: the preset's: adamw for "
                    "medium, else adam]")
-@click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw.  [default: the preset's (medium: 0.2); "
-                                                 "with another optimizer, 0.01 for adamw, else 0]")
+@click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw; a value given here is used as it "
+              "is.  [default: the preset's (medium: 0.2 when the budget allows 10 epochs, none up to 6, linear "
+              "between); with another optimizer, 0.01 for adamw, else 0]")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
 @click.option("--nesterov", is_flag=True, help="Nesterov momentum for SGD.")
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
@@ -129,8 +130,10 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
         click.echo(json.dumps({**asdict(result), "run_dir": str(result.run_dir)}))
         return
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "n/a"
+    decay = (f", weight decay {result.weight_decay:g} for {trainer.planned_epochs:.1f} planned epochs"
+             if trainer.planned_epochs is not None else "")
     log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, "
-        f"{result.train_chars_per_sec:,.0f} chars/s, best val bpc {best}")
+        f"{result.train_chars_per_sec:,.0f} chars/s, best val bpc {best}{decay}")
     log(f"model saved in {result.run_dir}; sample with: charnn sample {result.run_dir}")
 
 
