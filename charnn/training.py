@@ -449,10 +449,10 @@ class Trainer(BudgetClock):
         planned = self._planned_epochs()
         if math.isfinite(planned):  # processes time slightly different paces: they use their mean
             planned = self.dist.sum([planned], self.device)[0] / self.world_size
-        self.planned_epochs = planned
         self._set_weight_decay(ramped_weight_decay(self.cfg, planned))
         self.decay_decided = True
-        self._log({"weight_decay": self.weight_decay, "planned_epochs": round(planned, 2)})
+        self.planned_epochs = planned if math.isfinite(planned) else None  # None: no limit but early stopping
+        self._log({"weight_decay": self.weight_decay, "planned_epochs": self.planned_epochs and round(planned, 2)})
 
     def _set_weight_decay(self, value: float) -> None:
         for group in self.optimizer.param_groups:

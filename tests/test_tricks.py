@@ -320,6 +320,15 @@ def test_medium_decay_follows_the_epoch_budget(short_corpus, tmp_path, max_epoch
     assert summary["weight_decay"] == pytest.approx(decay)
 
 
+def test_cli_prints_the_decay_it_chose(short_corpus, tmp_path):
+    result = CliRunner().invoke(main, ["train", str(short_corpus), "--preset", "medium", "--layers", "1", "--hidden", "16",
+                                       "--batch-size", "4", "--seq-len", "16", "--max-epochs", "8", "--precision", "fp32",
+                                       "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "weight decay 0.2 if the budget allows 10 epochs (none up to 6, linear between)" in result.output
+    assert "weight decay 0.1 for 8.0 planned epochs" in result.output
+
+
 @pytest.mark.parametrize("seconds, decay", [(3.0, 0.2), (2.0, 0.2 * (200 / 30 - 6) / 4)])
 def test_a_time_budget_decides_the_decay_after_warmup_from_the_pace(short_corpus, tmp_path, monkeypatch,
                                                                     seconds, decay):

@@ -131,7 +131,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
         return
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "n/a"
     decay = (f", weight decay {result.weight_decay:g} for {trainer.planned_epochs:.1f} planned epochs"
-             if trainer.planned_epochs is not None else "")
+             if trainer.cfg.weight_decay_ramp and trainer.planned_epochs is not None else "")
     log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, "
         f"{result.train_chars_per_sec:,.0f} chars/s, best val bpc {best}{decay}")
     log(f"model saved in {result.run_dir}; sample with: charnn sample {result.run_dir}")
