@@ -49,8 +49,9 @@ def run_charnn(corpus: str, budget: float, out: str, extra: dict) -> dict:
     m = trainer.model_config
     return {
         "model": f"{m.layers}x{m.hidden} {m.cell}", "parameters": trainer.model.num_parameters(),
-        "settings": {k: getattr(trainer.cfg, k) for k in ("batch_size", "seq_len", "lr", "optimizer", "weight_decay", "dropout",
-                                                          "schedule")},
+        "settings": {k: getattr(trainer.cfg, k) for k in ("batch_size", "seq_len", "lr", "optimizer", "weight_decay",
+                                                          "weight_decay_ramp", "dropout", "schedule")},
+        "weight_decay_used": result.weight_decay, "planned_epochs": trainer.planned_epochs,
         "precision": trainer.precision, "evals": evals, "final_val_bpc": result.last_val_bpc,
         "best_val_bpc": result.best_val_bpc, "train_chars_per_sec": result.train_chars_per_sec,
         "steps": result.steps, "epochs": result.epochs, "elapsed": result.elapsed,
