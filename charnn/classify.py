@@ -406,11 +406,6 @@ class ClassifierNet(nn.Module):
 
     def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pooled features (batch, features) of right-padded ``ids`` with true ``lengths``."""
-        out, last = self.read(ids, lengths)
-        return pool(out, last, lengths.to(out.device), self.pooling)
-
-    def read(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top layer's outputs at every step (batch, time, hidden x directions) and each text's last state."""
         x = self.embed_drop(self.embed(ids))
         if self.packs(x.device):
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -421,7 +416,7 @@ class ClassifierNet(nn.Module):
         else:  # forward only: right padding never reaches the valid steps, and the fused CPU kernel is faster
             out, _ = run_recurrent(self.rnn, x)
             last = out[torch.arange(ids.size(0), device=ids.device), lengths.to(ids.device) - 1]
-        return out, last
+        return pool(out, last, lengths.to(out.device), self.pooling)
 
     def packs(self, device: torch.device) -> bool:
         """Whether texts run as packed sequences (see ``packing``)."""
@@ -432,11 +427,7 @@ class ClassifierNet(nn.Module):
         return self.packing == "auto" and device.type != "cpu"
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.encode(ids, lengths))
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Class scores of pooled features."""
-        return self.head(self.head_drop(features))
+        return self.head(self.head_drop(self.encode(ids, lengths)))
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Trainable parameters from the top down: head, recurrent layers (top first), embedding."""
@@ -460,36 +451,6 @@ def _bidirectional_stack(c: ModelConfig) -> nn.Module:
     rnn = cls(c.input_dim, c.hidden, **kwargs)
     init_recurrent(rnn, c)
     return rnn
-
-
-class NextCharHead(nn.Module):
-    """A language model's output layer beside a classifier's encoder, for the auxiliary next-character loss.
-
-    Fine-tuning on labels alone lets the encoder forget what the language
-    model taught it and over-fit a few thousand texts; predicting each text's
-    next characters as well keeps it a language model (as in Rei 2017's
-    multitask sequence labelling). Not part of the classifier's checkpoint: it
-    only trains, and its weights travel in the training state for resume.
-    """
-
-    def __init__(self, encoder: ModelConfig, lm: CharRNN | None = None):
-        super().__init__()
-        self.drop = Dropout(encoder.dropout)
-        self.head = nn.Linear(encoder.hidden, encoder.vocab_size)
-        if lm is not None:  # a tied or projected LM head becomes a plain copy of its effective map
-            with torch.no_grad():
-                weight, bias = lm.head.weight, lm.head.bias
-                if lm.proj is not None:
-                    weight, bias = weight @ lm.proj.weight, weight @ lm.proj.bias + bias
-                self.head.weight.copy_(weight)
-                self.head.bias.copy_(bias)
-
-    def loss(self, out: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Mean next-character cross-entropy (nats) over each text's own steps."""
-        ids, lengths = ids.to(out.device), lengths.to(out.device)
-        mask = torch.arange(ids.size(1) - 1, device=out.device)[None, :] < (lengths[:, None] - 1)
-        logits = self.head(self.drop(out[:, :-1][mask]))
-        return F.cross_entropy(logits.float(), ids[:, 1:][mask])
 
 
 def pool(out: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
@@ -665,7 +626,6 @@ class ClassifyConfig:
     freeze_encoder: bool | None = None  # None: on when fine-tuning with < PROBE_BELOW_STEPS_PER_EPOCH steps per epoch
     gradual_unfreeze: bool | None = None  # None: on when fine-tuning
     layer_lr_decay: float | None = None  # None: 2.6 when fine-tuning, else 1
-    lm_loss: float = 0.0  # weight of an auxiliary next-character loss (forward encoders; 0: off)
     # optimisation
     batch_size: int = 32
     lr: float = 3e-3
@@ -726,9 +686,6 @@ class ClassifyConfig:
             (self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
             (self.min_char_count >= 1, f"--min-char-count must be at least 1, got {self.min_char_count}"),
-            (self.lm_loss >= 0, f"--lm-loss must be 0 (off) or positive, got {self.lm_loss}"),
-            (not (self.lm_loss and self.bidirectional), ("--lm-loss needs a forward encoder (a bidirectional one has "
-                                                        "read the next character already); drop --bidirectional or --lm-loss")),
             (self.lr_decay() >= 1, f"--layer-lr-decay must be at least 1 (1: one rate for all layers), got {self.layer_lr_decay}"),
             (self.max_epochs is None or self.max_epochs > 0, f"--max-epochs must be positive, got {self.max_epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}"),
@@ -845,21 +802,20 @@ class ClassifierTrainer(BudgetClock):
         self.train_ids = encode_texts(texts, self.vocab, cfg.max_chars, cfg.truncation)
         self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation)
         self.lengths = np.array([len(e) for e in self.train_ids], dtype=np.int64)
-        self.steps_per_epoch = math.ceil(len(self.texts) / cfg.batch_size)
-        self.auto_probe = cfg.freeze_encoder is None and cfg.fine_tuning and \
-            self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH
-        if cfg.freeze_encoder is None:  # the run's settings say what it really used
-            cfg.freeze_encoder = self.auto_probe
         torch.manual_seed(cfg.seed)
         self.net = ClassifierNet(self.encoder_config, len(self.classes), cfg.pooling, cfg.bidirectional,
                                  cfg.head_dropout).to(self.device)
         if lm is not None:
             self.net.load_encoder(lm)
-        self.next_char = NextCharHead(self.encoder_config, lm).to(self.device) if self.uses_lm_loss else None
         self.groups = self.net.layer_groups()
         self.optimizer = self._make_optimizer()
         self.schedule = LRSchedule(cfg)
         self.loss_weights = self._loss_weights()
+        self.steps_per_epoch = math.ceil(len(self.texts) / cfg.batch_size)
+        self.auto_probe = cfg.freeze_encoder is None and cfg.fine_tuning and \
+            self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH
+        if cfg.freeze_encoder is None:  # the run's settings say what it really used
+            cfg.freeze_encoder = self.auto_probe
         # progress
         self.step = self.epoch = self.batch_in_epoch = 0
         self.train_chars, self.train_seconds, self.elapsed_before = 0, 0.0, 0.0
@@ -883,14 +839,7 @@ class ClassifierTrainer(BudgetClock):
         for depth, params in enumerate(self.groups[1:], start=1):
             lr = self.cfg.lr / decay ** depth
             opt.add_param_group({"params": params, "lr": lr, "base_lr": lr})
-        if self.next_char is not None:
-            opt.add_param_group({"params": list(self.next_char.parameters()), "lr": self.cfg.lr, "base_lr": self.cfg.lr})
         return opt
-
-    @property
-    def uses_lm_loss(self) -> bool:
-        """The auxiliary next-character loss is on (never for the linear probe, which trains no encoder)."""
-        return bool(self.cfg.lm_loss) and self.cfg.freeze_encoder is not True
 
     def _loss_weights(self) -> torch.Tensor | None:
         """``balance``: class weights n / (k * count) (multi-label: positive weights negatives / positives)."""
@@ -947,9 +896,6 @@ class ClassifierTrainer(BudgetClock):
     def _restore(self, source: ckpt.Checkpoint) -> None:
         source.load_weights(self.net, self.device)
         st, tensors = source.train_state, source.train_tensors
-        if self.next_char is not None:
-            self.next_char.load_state_dict({k.split(".", 1)[1]: v.to(self.device) for k, v in tensors.items()
-                                            if k.startswith("next_char.")})
         ckpt.restore_optimizer(self.optimizer, st["optimizer"], {k: v.to(self.device) for k, v in tensors.items()})
         self.schedule.load(st["schedule"])
         for name in ("step", "epoch", "batch_in_epoch", "train_chars", "train_seconds", "best", "last", "bad_evals"):
@@ -1000,19 +946,11 @@ class ClassifierTrainer(BudgetClock):
         ids, lengths = collate(self.train_ids, idx)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
-            out, last = self.net.read(ids.to(self.device), lengths)
-            logits = self.net.classify(pool(out, last, lengths.to(out.device), self.cfg.pooling))
+            logits = self.net(ids.to(self.device), lengths)
         loss = self._loss(logits, self._targets(self.y, idx))
-        total = loss
-        if self.next_char is not None:
-            with autocast(self.device, self.precision):
-                lm_loss = self.next_char.loss(out, ids, lengths)
-            total = loss + self.cfg.lm_loss * lm_loss
-            self.train_lm_loss = float(lm_loss.detach())
-        total.backward()
+        loss.backward()
         if self.cfg.grad_clip > 0:
-            params = [*self.net.parameters(), *(self.next_char.parameters() if self.next_char is not None else ())]
-            nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.cfg.grad_clip)
+            nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.grad is not None], self.cfg.grad_clip)
         self.optimizer.step()
         return float(loss.detach())
 
@@ -1063,9 +1001,7 @@ class ClassifierTrainer(BudgetClock):
                     if not math.isfinite(loss):
                         stop_reason = "diverged"
                     if self.step % cfg.log_every == 0 or self.batch_in_epoch == 0:
-                        lm = {"train_lm_loss": round(self.train_lm_loss, 5)} if self.next_char is not None else {}
-                        self._log({"train_loss": round(loss, 5), **lm, "lr": lr,
-                                   "trainable_groups": self.trainable_groups()})
+                        self._log({"train_loss": round(loss, 5), "lr": lr, "trainable_groups": self.trainable_groups()})
                     stop_reason = stop_reason or self._budget_spent()
                     if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.batch_in_epoch == 0 or stop_reason:
                         stop_reason = self._evaluate_and_save(stop_reason)
@@ -1179,8 +1115,6 @@ class ClassifierTrainer(BudgetClock):
                 "elapsed": self._elapsed(), "fingerprint": self.fingerprint,
             }
             tensors["rng.torch"] = torch.get_rng_state()
-            if self.next_char is not None:
-                tensors.update({f"next_char.{k}": v for k, v in self.next_char.state_dict().items()})
             if self.device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state()
         return ckpt.save_checkpoint(self.run_dir / which, model=self.net, vocab=self.vocab, config=self.config_dict(),
@@ -1317,7 +1251,7 @@ class TextClassifier(_Params):
     def __init__(self, *, cell="lstm", layers=1, hidden=256, embed_dim=64, dropout=0.0, embed_dropout=0.0,
                  bidirectional=False, min_char_count=1, pooling="concat", head_dropout=0.2, multi_label=False,
                  balance=False, max_chars=1000, truncation="head", init_from=None, freeze_encoder=None,
-                 gradual_unfreeze=None, layer_lr_decay=None, lm_loss=0.0, batch_size=32, lr=3e-3, optimizer="adam",
+                 gradual_unfreeze=None, layer_lr_decay=None, batch_size=32, lr=3e-3, optimizer="adam",
                  weight_decay=None, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
                  min_lr_ratio=0.05, max_epochs=30, max_steps=None, time_budget=None, patience=5, eval_every=None,
                  val_fraction=0.1, seed=1234, device="auto", precision="fp32", out=None, log_every=10, quiet=True):
@@ -1326,8 +1260,7 @@ class TextClassifier(_Params):
         self.min_char_count, self.pooling, self.head_dropout = min_char_count, pooling, head_dropout
         self.multi_label, self.balance, self.max_chars, self.truncation = multi_label, balance, max_chars, truncation
         self.init_from, self.freeze_encoder, self.gradual_unfreeze = init_from, freeze_encoder, gradual_unfreeze
-        self.layer_lr_decay, self.lm_loss = layer_lr_decay, lm_loss
-        self.batch_size, self.lr, self.optimizer = batch_size, lr, optimizer
+        self.layer_lr_decay, self.batch_size, self.lr, self.optimizer = layer_lr_decay, batch_size, lr, optimizer
         self.weight_decay, self.momentum, self.nesterov, self.grad_clip = weight_decay, momentum, nesterov, grad_clip
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
         self.max_epochs, self.max_steps, self.time_budget, self.patience = max_epochs, max_steps, time_budget, patience

@@ -15,7 +15,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from charnn import checkpoint as ckpt
 from charnn.classify import (
     ClassifierInterrupted,
     ClassifierNet,
@@ -195,40 +194,6 @@ def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_da
     assert trainer.trainable_groups() == len(groups)
 
 
-def test_the_next_character_head_starts_as_the_language_models(tiny_run, order_data, tmp_path):
-    (texts, labels), _ = order_data
-    lm, _ = load_language_model(tiny_run)
-    cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "freeze_encoder": False, "lm_loss": 1.0,
-                            "max_epochs": 2, "log_every": 1, "out": str(tmp_path / "run")})
-    trainer = ClassifierTrainer(cfg, texts[:120], labels[:120])
-    ids, lengths = collate(trainer.train_ids, np.arange(8))
-    trainer.net.eval()
-    with torch.no_grad():
-        out, _ = trainer.net.read(ids, lengths)
-        assert torch.equal(trainer.next_char.head(out), lm.decode(out))
-        lm_logits, _ = lm.eval()(ids)
-        mask = torch.arange(ids.size(1) - 1)[None, :] < lengths[:, None] - 1
-        expected = torch.nn.functional.cross_entropy(lm_logits[:, :-1][mask], ids[:, 1:][mask])
-        assert trainer.next_char.eval().loss(out, ids, lengths) == pytest.approx(float(expected), rel=1e-5)
-    trainer.next_char.train()
-    trainer.fit()
-    records = [r for r in ckpt.read_metrics(tmp_path / "run") if "train_loss" in r]
-    assert all("train_lm_loss" in r for r in records)
-    plain = ClassifierNet(trainer.encoder_config, 2)  # the checkpoint holds the classifier alone
-    assert set(TextClassifier.load(tmp_path / "run").net_.state_dict()) == set(plain.state_dict())
-
-
-def test_the_lm_loss_trains_only_with_an_encoder_that_learns(tiny_run, order_data):
-    (texts, labels), _ = order_data
-    probe = ClassifierTrainer(ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "lm_loss": 1.0}), texts[:64],
-                              labels[:64])
-    assert probe.cfg.freeze_encoder and probe.next_char is None  # the linear probe trains no encoder
-    with pytest.raises(CharnnError, match="--lm-loss needs a forward encoder"):
-        ClassifyConfig(bidirectional=True, lm_loss=0.5).validate()
-    with pytest.raises(CharnnError, match="--lm-loss must be 0 \\(off\\) or positive"):
-        ClassifyConfig(lm_loss=-1).validate()
-
-
 @pytest.mark.parametrize("n_texts, freeze, expect_probe", [
     (64, None, True),      # 4 steps per epoch: too few for gradual unfreezing, so the probe is chosen
     (512, None, False),    # 32 steps per epoch: gradual unfreezing
@@ -356,11 +321,10 @@ def test_eval_writes_a_confusion_matrix_png(cli_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("lm_loss", [0.0, 0.5], ids=["plain", "with-lm-loss"])
-def test_interrupt_then_resume_matches_an_uninterrupted_run(order_data, tmp_path, lm_loss):
+def test_interrupt_then_resume_matches_an_uninterrupted_run(order_data, tmp_path):
     (texts, labels), _ = order_data
     data = write_tsv(tmp_path / "train.tsv", texts[:200], labels[:200])
-    cfg = dict(FAST, max_epochs=3, patience=None, head_dropout=0.3, embed_dropout=0.1, lm_loss=lm_loss)
+    cfg = dict(FAST, max_epochs=3, patience=None, head_dropout=0.3, embed_dropout=0.1)
     full = ClassifierTrainer.from_files(ClassifyConfig(**cfg, out=str(tmp_path / "full")), data)
     full.fit()
 

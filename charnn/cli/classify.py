@@ -56,9 +56,6 @@ def _data_options(f):
                    "with its L2 strength chosen by 5-fold cross-validation.  "
                    "[default: on with --init-from when an epoch is under 32 steps, i.e. fewer than 32 x batch texts]")
 @click.option("--gradual-unfreeze/--no-gradual-unfreeze", default=None, help="Unfreeze one layer per epoch from the top.  [default: on with --init-from]")
-@click.option("--lm-loss", type=float, default=0.0, show_default=True,
-              help="Weight of an auxiliary next-character loss on the training texts, which keeps a fine-tuned encoder a "
-                   "language model; 0: off.")
 @click.option("--layer-lr-decay", type=float, help="Each layer down learns this many times slower.  [default: 2.6 with --init-from, else 1]")
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell (from scratch).")
 @click.option("--layers", type=int, default=1, show_default=True, help="Stacked recurrent layers (from scratch).")
