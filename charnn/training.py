@@ -35,6 +35,8 @@ from .presets import recommend
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "plateau", "constant")
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name != "vocab_size")
+PACE_SKIP_STEPS = 10  # a session's first steps carry one-off start-up costs: the pace is timed after them
+DECAY_DECISION_STEPS = 50  # steps of a session after which a time budget's pace is known well enough
 
 
 @dataclass
@@ -436,23 +438,36 @@ class Trainer(BudgetClock):
         if cfg.max_steps:
             limits.append(cfg.max_steps / max(self.steps_per_epoch, 1))
         if cfg.time_budget:
-            limits.append(cfg.time_budget * self._epoch_progress() / max(self._elapsed(), 1e-9))
+            epochs, seconds = self._epoch_progress(), self._elapsed()
+            marked_epochs, marked_seconds = self._pace_mark
+            pace = (epochs - marked_epochs) / max(seconds - marked_seconds, 1e-9)
+            limits.append(epochs + pace * max(cfg.time_budget - seconds, 0.0))
         return min(limits, default=math.inf)
 
     def _decay_due(self) -> bool:
-        """With a weight-decay ramp: decide at the start, or after warmup when the pace of a time budget is known."""
-        if self.decay_decided:
+        """With a weight-decay ramp: decide at the start; with a time budget, after warmup once the pace is known,
+        then again at each epoch's start as the pace becomes surer (a CPU's speed drifts, and early steps are slow)."""
+        if self.cfg.weight_decay_ramp is None:
             return False
-        return not self.cfg.time_budget or self.step >= max(self.cfg.warmup_steps or 0, 50)
+        if not self.cfg.time_budget:
+            return not self.decay_decided
+        done = self.step - self._session_start
+        if done == PACE_SKIP_STEPS:
+            self._pace_mark = (self._epoch_progress(), self._elapsed())
+        if not self.decay_decided:
+            return done >= DECAY_DECISION_STEPS and self.step >= (self.cfg.warmup_steps or 0)
+        return self.batch_in_epoch == 0 and done > PACE_SKIP_STEPS
 
     def _decide_weight_decay(self) -> None:
         planned = self._planned_epochs()
         if math.isfinite(planned):  # processes time slightly different paces: they use their mean
             planned = self.dist.sum([planned], self.device)[0] / self.world_size
+        before = self.weight_decay if self.decay_decided else None
         self._set_weight_decay(ramped_weight_decay(self.cfg, planned))
         self.decay_decided = True
         self.planned_epochs = planned if math.isfinite(planned) else None  # None: no limit but early stopping
-        self._log({"weight_decay": self.weight_decay, "planned_epochs": self.planned_epochs and round(planned, 2)})
+        if before is None or abs(self.weight_decay - before) > 1e-4:  # log the first decision and real changes
+            self._log({"weight_decay": self.weight_decay, "planned_epochs": self.planned_epochs and round(planned, 2)})
 
     def _set_weight_decay(self, value: float) -> None:
         for group in self.optimizer.param_groups:
@@ -613,6 +628,7 @@ class Trainer(BudgetClock):
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_clock()
+        self._session_start, self._pace_mark = self.step, (self._epoch_progress(), self._elapsed())
         eval_every = cfg.eval_every or max(self.steps_per_epoch, 1)
         bar = BudgetBar(self, disable=cfg.quiet or not self.dist.is_main)
         stop_reason = None

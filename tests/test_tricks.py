@@ -329,18 +329,38 @@ def test_cli_prints_the_decay_it_chose(short_corpus, tmp_path):
     assert "weight decay 0.1 for 8.0 planned epochs" in result.output
 
 
-@pytest.mark.parametrize("seconds, decay", [(3.0, 0.2), (2.0, 0.2 * (200 / 30 - 6) / 4)])
+@pytest.mark.parametrize("seconds, start_up, decay", [
+    (3.0, 0.0, 0.2),                          # 300 steps: 10 epochs
+    (2.0, 0.0, 0.2 * (200 / 30 - 6) / 4),     # 200 steps: 6.7 epochs
+    (3.0, 1.0, 0.2 * (200 / 30 - 6) / 4),     # a second of start-up leaves 200 steps, which the pace must not miss
+], ids=["10-epochs", "6.7-epochs", "start-up"])
 def test_a_time_budget_decides_the_decay_after_warmup_from_the_pace(short_corpus, tmp_path, monkeypatch,
-                                                                    seconds, decay):
-    monkeypatch.setattr(Trainer, "_elapsed", lambda self: self.step * 0.01)  # a steady clock: 100 steps a second
+                                                                    seconds, start_up, decay):
+    # a steady clock, 100 steps a second, after ``start_up`` seconds spent in the first step
+    monkeypatch.setattr(Trainer, "_elapsed", lambda self: (start_up if self.step else 0.0) + self.step * 0.01)
     trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], time_budget=seconds, out=str(tmp_path / "r"),
                                   **RAMP_RUN))
     assert trainer.steps_per_epoch == 30
     result = trainer.fit()
     assert result.stop_reason == "time" and result.weight_decay == pytest.approx(decay)
+    steps = round((seconds - start_up) * 100)
+    assert result.steps == steps
     decided = [r for r in ckpt.read_metrics(trainer.run_dir) if "weight_decay" in r]
     assert [r["step"] for r in decided] == [50]  # after the warmup, once the pace is known
-    assert decided[0]["planned_epochs"] == pytest.approx(seconds * 100 / 30, abs=0.01)
+    assert decided[0]["planned_epochs"] == pytest.approx(steps / 30, abs=0.01)
+
+
+def test_the_decay_follows_a_pace_that_changes(short_corpus, tmp_path, monkeypatch):
+    # 100 steps a second for the first 100 steps, then 50: 4 seconds give 250 steps, 8.3 epochs
+    monkeypatch.setattr(Trainer, "_elapsed", lambda self: min(self.step, 100) * 0.01 + max(self.step - 100, 0) * 0.02)
+    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], time_budget=4.0, out=str(tmp_path / "r"), **RAMP_RUN))
+    result = trainer.fit()
+    assert result.steps == 250
+    decided = [r for r in ckpt.read_metrics(trainer.run_dir) if "weight_decay" in r]
+    assert decided[0]["step"] == 50 and decided[0]["weight_decay"] == pytest.approx(0.2)  # 13.3 epochs at first
+    assert all(r["step"] % 30 == 0 for r in decided[1:])  # then revised at the start of each epoch
+    assert decided[-1]["planned_epochs"] == pytest.approx(250 / 30, abs=0.2)
+    assert result.weight_decay == decided[-1]["weight_decay"] < 0.13
 
 
 def test_resume_keeps_the_decided_decay_and_a_new_budget_decides_again(short_corpus, tmp_path):
