@@ -198,6 +198,10 @@ def info_cmd(checkpoint, last, as_json):
     for key in ("step", "epoch", "train_chars", "val_bpc", "best_val_bpc", "device", "precision", "elapsed"):
         if key in s:
             click.echo(f"{key}: {s[key]}")
+    t = ck.config.get("training", {})
+    if t.get("optimizer"):
+        click.echo(f"optimizer: {t['optimizer']} lr {t.get('lr')}, weight decay {s.get('weight_decay', t.get('weight_decay'))}"
+                   + (f" (ramp over {t['weight_decay_ramp']} planned epochs)" if t.get("weight_decay_ramp") else ""))
     if vals:
         click.echo("validation history (step: bpc): " + ", ".join(f"{r['step']}: {r['val_bpc']:.3f}" for r in vals[-12:]))
 
