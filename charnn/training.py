@@ -444,16 +444,21 @@ class Trainer(BudgetClock):
             limits.append(epochs + pace * max(cfg.time_budget - seconds, 0.0))
         return min(limits, default=math.inf)
 
-    def _decay_due(self) -> bool:
-        """With a weight-decay ramp: decide at the start; with a time budget, after warmup once the pace is known,
-        then again at each epoch's start as the pace becomes surer (a CPU's speed drifts, and early steps are slow)."""
+    def _follow_budget_with_decay(self) -> None:
+        """With a weight-decay ramp, before each step: time the pace, and set the decay when it is due."""
         if self.cfg.weight_decay_ramp is None:
-            return False
-        if not self.cfg.time_budget:
-            return not self.decay_decided
-        done = self.step - self._session_start
+            return
+        done = self.step - self._session_start  # steps of this session
         if done == PACE_SKIP_STEPS:
             self._pace_mark = (self._epoch_progress(), self._elapsed())
+        if self._decay_due(done):
+            self._decide_weight_decay()
+
+    def _decay_due(self, done: int) -> bool:
+        """Decide at the start; with a time budget, after warmup once the pace is known, then again at each epoch's
+        start as the pace becomes surer (a CPU's speed drifts, and a session's first steps are slow)."""
+        if not self.cfg.time_budget:
+            return not self.decay_decided
         if not self.decay_decided:
             return done >= DECAY_DECISION_STEPS and self.step >= (self.cfg.warmup_steps or 0)
         return self.batch_in_epoch == 0 and done > PACE_SKIP_STEPS
@@ -639,8 +644,7 @@ class Trainer(BudgetClock):
                     self.offset = int(torch.randint(0, cfg.seq_len, (1,), generator=self.offset_rng))
                     self.hidden = None
                 for x, y in self.batcher.batches(self.offset, self.batch_in_epoch):
-                    if self._decay_due():
-                        self._decide_weight_decay()
+                    self._follow_budget_with_decay()
                     lr = self._set_lr()
                     t0 = time.perf_counter()
                     loss = self.train_step(x, y)
