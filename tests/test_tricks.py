@@ -308,13 +308,22 @@ RAMP_RUN = dict(preset="medium", layers=1, hidden=16, embed_dim=8, batch_size=4,
                 precision="fp32", device="cpu", quiet=True, patience=None, average_last=0.0)
 
 
+def ramp_trainer(corpus, out, **budget) -> Trainer:
+    """A tiny run with the medium preset's decay ramp, on ``corpus``, with the given budget."""
+    return Trainer(TrainConfig(corpus=[str(corpus)], out=str(out), **budget, **RAMP_RUN))
+
+
+def decay_records(run_dir) -> list[dict]:
+    """The metrics records of the decay's decisions."""
+    return [r for r in ckpt.read_metrics(run_dir) if "weight_decay" in r]
+
+
 @pytest.mark.parametrize("max_epochs, decay", [(4, 0.0), (8, 0.1), (12, 0.2)])
 def test_medium_decay_follows_the_epoch_budget(short_corpus, tmp_path, max_epochs, decay):
-    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], max_epochs=max_epochs, out=str(tmp_path / "r"),
-                                  **RAMP_RUN))
+    trainer = ramp_trainer(short_corpus, tmp_path / "r", max_epochs=max_epochs)
     result = trainer.fit()
     assert result.weight_decay == pytest.approx(decay) and trainer.weight_decay == pytest.approx(decay)
-    decided = [r for r in ckpt.read_metrics(trainer.run_dir) if "weight_decay" in r]
+    decided = decay_records(trainer.run_dir)
     assert [(r["step"], r["planned_epochs"]) for r in decided] == [(0, max_epochs)]  # decided before the first step
     summary = ckpt.load_checkpoint(trainer.run_dir, which="last").config["summary"]
     assert summary["weight_decay"] == pytest.approx(decay)
@@ -340,14 +349,13 @@ def test_a_time_budget_decides_the_decay_after_warmup_from_the_pace(short_corpus
                                                                     seconds, start_up, decay):
     # a steady clock, 100 steps a second, after ``start_up`` seconds spent in the first step
     monkeypatch.setattr(Trainer, "_elapsed", lambda self: (start_up if self.step else 0.0) + self.step * 0.01)
-    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], time_budget=seconds, out=str(tmp_path / "r"),
-                                  **RAMP_RUN))
+    trainer = ramp_trainer(short_corpus, tmp_path / "r", time_budget=seconds)
     assert trainer.steps_per_epoch == 30
     result = trainer.fit()
     assert result.stop_reason == "time" and result.weight_decay == pytest.approx(decay)
     steps = round((seconds - start_up) * 100)
     assert result.steps == steps
-    decided = [r for r in ckpt.read_metrics(trainer.run_dir) if "weight_decay" in r]
+    decided = decay_records(trainer.run_dir)
     assert [r["step"] for r in decided] == [50]  # after the warmup, once the pace is known
     assert decided[0]["planned_epochs"] == pytest.approx(steps / 30, abs=0.01)
 
@@ -355,10 +363,10 @@ def test_a_time_budget_decides_the_decay_after_warmup_from_the_pace(short_corpus
 def test_the_decay_follows_a_pace_that_changes(short_corpus, tmp_path, monkeypatch):
     # 100 steps a second for the first 100 steps, then 50: 4 seconds give 250 steps, 8.3 epochs
     monkeypatch.setattr(Trainer, "_elapsed", lambda self: min(self.step, 100) * 0.01 + max(self.step - 100, 0) * 0.02)
-    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], time_budget=4.0, out=str(tmp_path / "r"), **RAMP_RUN))
+    trainer = ramp_trainer(short_corpus, tmp_path / "r", time_budget=4.0)
     result = trainer.fit()
     assert result.steps == 250
-    decided = [r for r in ckpt.read_metrics(trainer.run_dir) if "weight_decay" in r]
+    decided = decay_records(trainer.run_dir)
     assert decided[0]["step"] == 50 and decided[0]["weight_decay"] == pytest.approx(0.2)  # 13.3 epochs at first
     assert all(r["step"] % 30 == 0 for r in decided[1:])  # then revised at the start of each epoch
     assert decided[-1]["planned_epochs"] == pytest.approx(250 / 30, abs=0.2)
@@ -366,7 +374,7 @@ def test_the_decay_follows_a_pace_that_changes(short_corpus, tmp_path, monkeypat
 
 
 def test_resume_keeps_the_decided_decay_and_a_new_budget_decides_again(short_corpus, tmp_path):
-    trainer = Trainer(TrainConfig(corpus=[str(short_corpus)], max_epochs=4, out=str(tmp_path / "r"), **RAMP_RUN))
+    trainer = ramp_trainer(short_corpus, tmp_path / "r", max_epochs=4)
     trainer.fit()
     again = Trainer.resume(trainer.run_dir)
     assert again.decay_decided and again.weight_decay == 0.0 and again.planned_epochs == 4
