@@ -337,7 +337,7 @@ def test_cli_prints_the_decay_it_chose(short_corpus, tmp_path):
     assert "weight decay 0.2 if the budget allows 10 epochs (none up to 6, linear between)" in result.output
     assert "weight decay 0.1 for 8.0 planned epochs" in result.output
     info = CliRunner().invoke(main, ["info", str(tmp_path / "r")])
-    assert "optimizer: adamw lr 0.003, weight decay 0.1 (ramp over [6.0, 10.0] planned epochs)" in info.output
+    assert "optimizer: adamw lr 0.01, weight decay 0.1 (ramp over [6.0, 10.0] planned epochs)" in info.output
 
 
 @pytest.mark.parametrize("seconds, start_up, decay", [
