@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="charnn's training seed.")
     p.add_argument("--hidden", type=int, default=256, help="Hidden units of the LM and of the scratch classifier (1 layer).")
     p.add_argument("--lm-time", type=float, default=120, help="Seconds of language-model training per dataset.")
+    p.add_argument("--lm-layers", type=int, default=1,
+                   help="Recurrent layers of the language model, and so of the fine-tuned encoder.")
     p.add_argument("--lm-dropout", type=float, default=0.0, help="Dropout of the language model (before its output layer).")
     p.add_argument("--max-epochs", type=float, default=20, help="charnn epochs at most with all labels (early stopping on).")
     p.add_argument("--patience", type=int, default=4, help="charnn early-stopping patience (epochs) with all labels.")
@@ -159,7 +161,7 @@ def train_lm(texts: list[str], args, workdir: Path) -> tuple[str, dict]:
     order = np.random.default_rng(args.split_seed + 3).permutation(len(texts))  # the files are sorted by label
     corpus.write_text("\n".join(texts[i] for i in order) + "\n", encoding="utf-8")
     t0 = time.perf_counter()
-    result = train(TrainConfig(corpus=[str(corpus)], cell="lstm", layers=1, hidden=args.hidden, embed_dim=64,
+    result = train(TrainConfig(corpus=[str(corpus)], cell="lstm", layers=args.lm_layers, hidden=args.hidden, embed_dim=64,
                                batch_size=32, seq_len=64, lr=2e-3, warmup_steps=50, dropout=args.lm_dropout,
                                time_budget=args.lm_time, val_fraction=0.05, patience=4, eval_every=100, seed=args.seed,
                                device="cpu", out=str(workdir / "lm"), quiet=True))
