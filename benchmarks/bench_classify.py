@@ -65,8 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="charnn's training seed.")
     p.add_argument("--hidden", type=int, default=256, help="Hidden units of the LM and of the scratch classifier (1 layer).")
     p.add_argument("--lm-time", type=float, default=120, help="Seconds of language-model training per dataset.")
-    p.add_argument("--lm-layers", type=int, default=1,
-                   help="Recurrent layers of the language model, and so of the fine-tuned encoder.")
+    p.add_argument("--lm-layers", type=int, default=2,
+                   help="Recurrent layers of the language model, and so of the fine-tuned encoder (2: the SMS "
+                        "targets at 10-200 per class, benchmarks/RESULTS.md, session 9).")
     p.add_argument("--lm-dropout", type=float, default=0.0, help="Dropout of the language model (before its output layer).")
     p.add_argument("--max-epochs", type=float, default=20, help="charnn epochs at most with all labels (early stopping on).")
     p.add_argument("--patience", type=int, default=4, help="charnn early-stopping patience (epochs) with all labels.")
