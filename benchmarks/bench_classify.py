@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=1234, help="charnn's training seed.")
-    p.add_argument("--hidden", type=int, default=256, help="Hidden units of the LM and of the scratch classifier (1 layer).")
+    p.add_argument("--hidden", type=int, default=256, help="Hidden units of each LM layer and of the scratch classifier (1 layer).")
     p.add_argument("--lm-time", type=float, default=120, help="Seconds of language-model training per dataset.")
     p.add_argument("--lm-layers", type=int, default=2,
                    help="Recurrent layers of the language model, and so of the fine-tuned encoder (2: the SMS "
