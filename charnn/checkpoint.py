@@ -155,6 +155,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file, so a crash leaves the old file or the new."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    _write_json(tmp, data)
+    os.replace(tmp, path)
+
+
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     """Drop records logged after ``last_step`` (they are replayed when a run resumes)."""
     path = Path(run_dir) / METRICS

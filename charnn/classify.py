@@ -13,6 +13,9 @@ are enough.
   train``: length-bucketed batches of packed sequences, early stopping on
   validation macro-F1, ``best/`` and ``last/`` checkpoints, exact resume and
   Ctrl-C handling like ``charnn train``.
+* :class:`EnsembleTrainer` trains several members (other initialisations
+  and batch orders, the same data and validation split) whose predicted
+  probabilities :class:`ClassifierEnsemble` averages (``--ensemble N``).
 * :class:`TextClassifier` wraps it with scikit-learn's conventions
   (``fit``/``predict``/``predict_proba``/``score``, ``get_params``), without
   needing scikit-learn installed.
@@ -28,6 +31,7 @@ import io
 import json
 import math
 import re
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -426,6 +430,10 @@ class ClassifierNet(nn.Module):
             return True  # the backward direction must start at each text's own end
         return self.packing == "auto" and device.type != "cpu"
 
+    @property
+    def n_outputs(self) -> int:
+        return self.head.out_features
+
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.encode(ids, lengths)))
 
@@ -439,6 +447,30 @@ class ClassifierNet(nn.Module):
         if self.encoder_config.embed_dim:  # a one-hot table stays frozen
             groups.append([self.embed.weight])
         return groups
+
+
+class ClassifierEnsemble(nn.Module):
+    """Classifiers of one architecture whose predicted probabilities average.
+
+    ``forward`` returns scores whose softmax (sigmoid when multi-label) is the
+    members' mean probability: the log of the mean for one label per text, the
+    logit of the mean for multi-label.
+    """
+
+    def __init__(self, members: Sequence[ClassifierNet], multi_label: bool):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.multi_label = multi_label
+
+    @property
+    def n_outputs(self) -> int:
+        return self.members[0].n_outputs
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([m(ids, lengths).float() for m in self.members])
+        if self.multi_label:
+            return torch.logit(torch.sigmoid(logits).mean(0), eps=1e-7)
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(len(self.members))
 
 
 def _bidirectional_stack(c: ModelConfig) -> nn.Module:
@@ -465,10 +497,10 @@ def pool(out: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor, how: str)
     return peak if how == "max" else torch.cat([last.to(out.dtype), mean, peak], dim=1)
 
 
-def predict_logits(net: ClassifierNet, encoded: Sequence[np.ndarray], *, device: torch.device | str = "cpu",
+def predict_logits(net: ClassifierNet | ClassifierEnsemble, encoded: Sequence[np.ndarray], *, device: torch.device | str = "cpu",
                    precision: str = "fp32", batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """Scores (n, outputs) of encoded texts, in their order; batches of similar length."""
-    return _run_batches(net, net.forward, net.head.out_features, encoded, device, precision, batch_size)
+    return _run_batches(net, net.forward, net.n_outputs, encoded, device, precision, batch_size)
 
 
 def encoder_features(net: ClassifierNet, encoded: Sequence[np.ndarray], *, device: torch.device | str = "cpu",
@@ -479,7 +511,7 @@ def encoder_features(net: ClassifierNet, encoded: Sequence[np.ndarray], *, devic
 
 
 @torch.no_grad()
-def _run_batches(net: ClassifierNet, fn, width: int, encoded: Sequence[np.ndarray], device, precision: str,
+def _run_batches(net: nn.Module, fn, width: int, encoded: Sequence[np.ndarray], device, precision: str,
                  batch_size: int, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """``fn(ids, lengths)`` in eval mode over batches of similar length, rows in the texts' order."""
     device = torch.device(device)
@@ -637,6 +669,9 @@ class ClassifyConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05
+    # ensemble: members trained one after another, each with its own initialisation and batch order
+    ensemble: int = 1
+    member: int = 0  # which member this run trains (0: the run a single classifier is)
     # budget and validation
     max_epochs: float | None = 30
     max_steps: int | None = None
@@ -692,6 +727,7 @@ class ClassifyConfig:
             (self.time_budget is None or self.time_budget > 0, "--time must be positive"),
             (self.max_epochs or self.max_steps or self.time_budget, "give a budget: --max-epochs, --max-steps or --time"),
             (self.patience is None or self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
+            (self.ensemble >= 1, f"--ensemble must be at least 1 (1: a single classifier), got {self.ensemble}"),
             (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (not (self.bidirectional and self.init_from), "--bidirectional trains from scratch only (a language model "
@@ -702,6 +738,12 @@ class ClassifyConfig:
         for ok, message in checks:
             if not ok:
                 raise CharnnError(message)
+
+    @property
+    def init_seed(self) -> int:
+        """Seed of the weights, dropout and batch order: ``seed`` for the first member, then ``seed`` + 1...
+        (the validation split always follows ``seed``, so every member validates on the same texts)."""
+        return self.seed + self.member
 
     def encoder_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, layers=self.layers, hidden=self.hidden,
@@ -730,6 +772,7 @@ class ClassifyResult:
     elapsed: float
     stop_reason: str
     probe: dict | None = None  # a linear probe's choice: {"c", "folds", "cv_loss"}
+    members: list[dict] | None = None  # an ensemble's members: their seeds and results
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -802,7 +845,7 @@ class ClassifierTrainer(BudgetClock):
         self.train_ids = encode_texts(texts, self.vocab, cfg.max_chars, cfg.truncation)
         self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation)
         self.lengths = np.array([len(e) for e in self.train_ids], dtype=np.int64)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.init_seed)
         self.net = ClassifierNet(self.encoder_config, len(self.classes), cfg.pooling, cfg.bidirectional,
                                  cfg.head_dropout).to(self.device)
         if lm is not None:
@@ -956,23 +999,12 @@ class ClassifierTrainer(BudgetClock):
 
     def _epoch_batches(self) -> list[np.ndarray]:
         """This epoch's batches; the order depends on the seed and the epoch only (so resume repeats it)."""
-        return length_batches(self.lengths, self.cfg.batch_size, np.random.default_rng([self.cfg.seed, self.epoch]))
+        return length_batches(self.lengths, self.cfg.batch_size, np.random.default_rng([self.cfg.init_seed, self.epoch]))
 
     def validate(self) -> dict | None:
         """Validation loss, accuracy and macro-F1 (None without validation texts)."""
-        if not self.val_ids:
-            return None
-        logits = predict_logits(self.net, self.val_ids, device=self.device, precision=self.precision)
-        t = torch.from_numpy(logits)
-        y = torch.from_numpy(self.y_val)
-        if self.cfg.multi_label:
-            loss = float(F.binary_cross_entropy_with_logits(t, y))
-            pred = (torch.sigmoid(t) >= THRESHOLD).numpy().astype(np.float32)
-        else:
-            loss = float(F.cross_entropy(t, y))
-            pred = logits.argmax(1)
-        rep = classification_report(self.y_val, pred, self.classes)
-        return {"val_loss": round(loss, 5), "val_accuracy": round(rep["accuracy"], 5), "val_macro_f1": round(rep["macro_f1"], 5)}
+        return validation_metrics(self.net, self.val_ids, self.y_val, self.classes, self.cfg.multi_label, self.device,
+                                  self.precision)
 
     def fit(self) -> ClassifyResult:
         cfg = self.cfg
@@ -1038,7 +1070,7 @@ class ClassifierTrainer(BudgetClock):
                                         on_batch=bar.update)
             weights = None if self.loss_weights is None else self.loss_weights.cpu()
             fit = fit_probe(torch.from_numpy(features), self.y, multi_label=self.cfg.multi_label, class_weights=weights,
-                            outputs=len(self.classes), seed=self.cfg.seed, on_fit=lambda: bar.update(1))
+                            outputs=len(self.classes), seed=self.cfg.init_seed, on_fit=lambda: bar.update(1))
             self.train_seconds += time.perf_counter() - t0
         with torch.no_grad():
             self.net.head.weight.copy_(fit.weight)
@@ -1148,6 +1180,149 @@ class ClassifierTrainer(BudgetClock):
         )
 
 
+def validation_metrics(net: nn.Module, val_ids: Sequence[np.ndarray], y_val: np.ndarray, classes: np.ndarray,
+                       multi_label: bool, device, precision: str) -> dict | None:
+    """Loss, accuracy and macro-F1 of ``net`` on encoded validation texts (None without any)."""
+    if not val_ids:
+        return None
+    logits = predict_logits(net, val_ids, device=device, precision=precision)
+    t = torch.from_numpy(logits)
+    y = torch.from_numpy(y_val)
+    if multi_label:
+        loss = float(F.binary_cross_entropy_with_logits(t, y))
+        pred = (torch.sigmoid(t) >= THRESHOLD).numpy().astype(np.float32)
+    else:
+        loss = float(F.cross_entropy(t, y))
+        pred = logits.argmax(1)
+    rep = classification_report(y_val, pred, classes)
+    return {"val_loss": round(loss, 5), "val_accuracy": round(rep["accuracy"], 5), "val_macro_f1": round(rep["macro_f1"], 5)}
+
+
+class EnsembleTrainer:
+    """``cfg.ensemble`` classifiers trained one after another, whose predictions average.
+
+    Member *i* is an ordinary classifier run (in ``RUN/member-i`` when there is
+    a run directory) on the same data and validation split, initialised and
+    batched with seed ``seed + i - 1``; budgets and early stopping apply to each.
+    When all have finished, ``RUN/best`` holds them together as one
+    :class:`ClassifierEnsemble` checkpoint, which ``predict``/``eval`` load like
+    any other. ``RUN/ensemble.json`` lists the finished members, so Ctrl-C and
+    ``--resume`` continue the member that was training.
+    """
+
+    PROGRESS = "ensemble.json"
+
+    def __init__(self, cfg: ClassifyConfig, texts: Sequence[str], labels, val_texts: Sequence[str] | None = None,
+                 val_labels=None, *, run_dir: str | Path | None = None, data_info: dict | None = None,
+                 on_log: Callable[[dict], None] | None = None, resuming: bool = False):
+        cfg.validate()
+        self.cfg, self.on_log, self.data_info = cfg, on_log, data_info
+        self.data = (texts, labels, val_texts, val_labels)
+        out = run_dir or cfg.out
+        self.run_dir = Path(out) if resuming else ckpt.new_run_dir(out, "classify") if out else None
+        self.finished: list[dict] = []  # the finished members' results
+        self.nets: list[ClassifierNet] = []
+        if resuming:
+            self._load_finished()
+        self.current = self._member(min(len(self.nets), cfg.ensemble - 1))  # all finished: the last, for its settings
+        self.vocab, self.classes = self.current.vocab, self.current.classes
+        self.device, self.precision = self.current.device, self.current.precision
+        self.net: ClassifierEnsemble | None = None
+        self.best: dict | None = None
+
+    from_files = classmethod(ClassifierTrainer.from_files.__func__)
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict | None = None, data: tuple | None = None,
+               **kwargs) -> "EnsembleTrainer":
+        """Continue an ensemble run: the finished members are loaded, the interrupted one resumes."""
+        source = ckpt.load_checkpoint(Path(run_dir) / "member-1", which="last")
+        cfg = ClassifyConfig.from_dict({**source.config["training"], "member": 0})
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                setattr(cfg, key, value)
+        info = source.config.get("data")
+        if data is None:
+            if not info:
+                raise CharnnError(f"{run_dir} was trained on data passed from Python; pass the same data to resume it")
+            train, vdata = _read_info(info, cfg.multi_label)
+            data = (train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None)
+        return cls(cfg, *data, run_dir=run_dir, data_info=info, resuming=True, **kwargs)
+
+    @classmethod
+    def is_ensemble_run(cls, run_dir: str | Path) -> bool:
+        return (Path(run_dir) / "member-1").is_dir()
+
+    @property
+    def step(self) -> int:
+        return self.current.step
+
+    def _member_dir(self, i: int) -> Path | None:
+        return self.run_dir / f"member-{i + 1}" if self.run_dir else None
+
+    def _member(self, i: int) -> ClassifierTrainer:
+        """The trainer of member ``i``: resumed where its run directory has a resumable checkpoint, else new."""
+        cfg = replace(self.cfg, member=i)
+        member_dir = self._member_dir(i)
+        if member_dir and ckpt.is_checkpoint_dir(member_dir / "last"):
+            return ClassifierTrainer.resume(member_dir, {k: getattr(cfg, k) for k in ("max_epochs", "max_steps",
+                                            "time_budget", "device", "quiet")}, self.data, on_log=self.on_log)
+        if member_dir and member_dir.exists():
+            shutil.rmtree(member_dir)  # interrupted before its first checkpoint: nothing to keep
+        return ClassifierTrainer(cfg, *self.data, run_dir=member_dir, data_info=self.data_info, on_log=self.on_log)
+
+    def _load_finished(self) -> None:
+        progress = self.run_dir / self.PROGRESS
+        self.finished = json.loads(progress.read_text())["members"] if progress.is_file() else []
+        for i in range(len(self.finished)):
+            self.nets.append(load_classifier(self._member_dir(i))[0])
+
+    def describe(self) -> str:
+        seeds = ", ".join(str(self.cfg.seed + i) for i in range(self.cfg.ensemble))
+        done = f"; {len(self.finished)} finished" if self.finished else ""
+        return (f"{self.current.describe()}\nensemble: {self.cfg.ensemble} members (seeds {seeds}) in "
+                f"{self.run_dir}/member-N{done}; their mean probability predicts")
+
+    def fit(self) -> ClassifyResult:
+        """Train the members still to train, then write and return the ensemble."""
+        for i in range(len(self.nets), self.cfg.ensemble):
+            if self.current.cfg.member != i:
+                self.current = self._member(i)
+            try:
+                result = self.current.fit()
+            except ClassifierInterrupted as e:
+                raise ClassifierInterrupted(self.run_dir, e.signum) from None
+            self.nets.append(self.current.net)
+            self.finished.append({"member": i + 1, "seed": self.current.cfg.init_seed, **result.to_dict()})
+            if self.run_dir:
+                ckpt.write_json_atomic(self.run_dir / self.PROGRESS, {"members": self.finished})
+        self.net = ClassifierEnsemble(self.nets, self.cfg.multi_label).eval()
+        self.best = validation_metrics(self.net, self.current.val_ids, self.current.y_val, self.classes,
+                                       self.cfg.multi_label, self.device, self.precision)
+        if self.run_dir:
+            ckpt.save_checkpoint(self.run_dir / "best", model=self.net, vocab=self.vocab, config=self.config_dict())
+        best = self.best or {}
+        return ClassifyResult(self.run_dir, sum(m["steps"] for m in self.finished),
+                              sum(m["epochs"] for m in self.finished), best.get("val_macro_f1"),
+                              best.get("val_accuracy"), best.get("val_macro_f1"), self.finished[0]["train_texts"],
+                              self.finished[0]["val_texts"], float(np.mean([m["train_chars_per_sec"] for m in self.finished])),
+                              sum(m["elapsed"] for m in self.finished), "ensemble", members=self.finished)
+
+    def config_dict(self) -> dict:
+        """The first member's settings with ``classifier.members`` and the ensemble's validation scores."""
+        config = self.current.config_dict()
+        config["classifier"]["members"] = self.cfg.ensemble
+        config["training"] = {**config["training"], "member": 0}
+        config["summary"] = {**config["summary"], "best": self.best, "last": self.best,
+                             "step": sum(m["steps"] for m in self.finished),
+                             "epoch": round(sum(m["epochs"] for m in self.finished), 4),
+                             "elapsed": round(sum(m["elapsed"] for m in self.finished), 2),
+                             "parameters": sum(p.numel() for p in self.net.parameters()),
+                             "members": [{k: m[k] for k in ("member", "seed", "steps", "epochs", "best_val_f1",
+                                                            "stop_reason")} for m in self.finished]}
+        return config
+
+
 def _patience_spent(patience: int | None, bad_evals: int) -> bool:
     return bool(patience) and bad_evals >= patience
 
@@ -1166,7 +1341,8 @@ def _version() -> str:
 
 # -- loading ------------------------------------------------------------------------------------------------
 def load_classifier(path: str | Path | None = None, *, which: str = "best", device: str | torch.device = "cpu"):
-    """``(net, checkpoint)`` of a trained classifier (a run or checkpoint directory), the net in eval mode."""
+    """``(net, checkpoint)`` of a trained classifier (a run or checkpoint directory), the net in eval mode
+    (a :class:`ClassifierEnsemble` when the run trained several members)."""
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
     ck = ckpt.load_checkpoint(path, which=which)
     if ck.kind != KIND:
@@ -1174,7 +1350,9 @@ def load_classifier(path: str | Path | None = None, *, which: str = "best", devi
     try:
         encoder = ModelConfig.from_dict(ck.config["model"])
         meta = ck.config["classifier"]
-        net = ClassifierNet(encoder, len(meta["classes"]), meta["pooling"], meta["bidirectional"], meta["head_dropout"])
+        members = [ClassifierNet(encoder, len(meta["classes"]), meta["pooling"], meta["bidirectional"],
+                                 meta["head_dropout"]) for _ in range(meta.get("members", 1))]
+        net = members[0] if len(members) == 1 else ClassifierEnsemble(members, meta["multi_label"])
     except (KeyError, TypeError) as e:
         raise CharnnError(f"{ck.path / ckpt.CONFIG} is damaged (classifier settings: {e}); use another checkpoint") from e
     ck.load_weights(net)
@@ -1253,8 +1431,9 @@ class TextClassifier(_Params):
                  balance=False, max_chars=1000, truncation="head", init_from=None, freeze_encoder=None,
                  gradual_unfreeze=None, layer_lr_decay=None, batch_size=32, lr=3e-3, optimizer="adam",
                  weight_decay=None, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
-                 min_lr_ratio=0.05, max_epochs=30, max_steps=None, time_budget=None, patience=5, eval_every=None,
-                 val_fraction=0.1, seed=1234, device="auto", precision="fp32", out=None, log_every=10, quiet=True):
+                 min_lr_ratio=0.05, ensemble=1, max_epochs=30, max_steps=None, time_budget=None, patience=5,
+                 eval_every=None, val_fraction=0.1, seed=1234, device="auto", precision="fp32", out=None, log_every=10,
+                 quiet=True):
         self.cell, self.layers, self.hidden, self.embed_dim = cell, layers, hidden, embed_dim
         self.dropout, self.embed_dropout, self.bidirectional = dropout, embed_dropout, bidirectional
         self.min_char_count, self.pooling, self.head_dropout = min_char_count, pooling, head_dropout
@@ -1263,6 +1442,7 @@ class TextClassifier(_Params):
         self.layer_lr_decay, self.batch_size, self.lr, self.optimizer = layer_lr_decay, batch_size, lr, optimizer
         self.weight_decay, self.momentum, self.nesterov, self.grad_clip = weight_decay, momentum, nesterov, grad_clip
         self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
+        self.ensemble = ensemble
         self.max_epochs, self.max_steps, self.time_budget, self.patience = max_epochs, max_steps, time_budget, patience
         self.eval_every, self.val_fraction, self.seed, self.device = eval_every, val_fraction, seed, device
         self.precision, self.out, self.log_every, self.quiet = precision, out, log_every, quiet
@@ -1273,8 +1453,9 @@ class TextClassifier(_Params):
     # -- training ----------------------------------------------------------------------------------------------
     def fit(self, X, y, *, val_texts=None, val_labels=None, on_log: Callable[[dict], None] | None = None):
         """Train on texts ``X`` with labels ``y``; validate on ``val_texts`` or a stratified split. Returns self."""
-        trainer = ClassifierTrainer(self.config(), X, _as_labels(y), val_texts,
-                                    None if val_labels is None else _as_labels(val_labels), on_log=on_log)
+        cfg = self.config()
+        trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer)(
+            cfg, X, _as_labels(y), val_texts, None if val_labels is None else _as_labels(val_labels), on_log=on_log)
         self.result_ = trainer.fit()
         self._adopt(trainer.net, trainer.vocab, trainer.classes, trainer.config_dict(), trainer.device, trainer.precision)
         self.run_dir_ = trainer.run_dir
@@ -1347,7 +1528,7 @@ class TextClassifier(_Params):
         clf = cls(**{k: v for k, v in params.items() if k in cls._get_param_names()})
         clf.set_params(device=device)
         config = {k: v for k, v in ck.config.items() if k not in ("format", "format_version", "saved_at")}
-        clf._adopt(net, ck.vocab, ck.config["classifier"]["classes"], config, net.head.weight.device, "fp32")
+        clf._adopt(net, ck.vocab, ck.config["classifier"]["classes"], config, next(net.parameters()).device, "fp32")
         clf.run_dir_ = ck.path.parent
         return clf
 

@@ -16,15 +16,19 @@ import torch
 from click.testing import CliRunner
 
 from charnn.classify import (
+    ClassifierEnsemble,
     ClassifierInterrupted,
     ClassifierNet,
     ClassifierTrainer,
     ClassifyConfig,
+    EnsembleTrainer,
     NotFittedError,
     TextClassifier,
     classification_report,
     collate,
     encode_labels,
+    encode_texts,
+    predict_logits,
     read_labelled,
     stratified_split,
     truncate,
@@ -355,6 +359,80 @@ def test_resume_refuses_changed_data(order_data, tmp_path):
         ClassifierTrainer.resume(tmp_path / "run", {"max_epochs": 2})
 
 
+
+# -- ensembles -------------------------------------------------------------------------------------------------
+def test_an_ensemble_averages_its_members_and_its_first_member_is_the_single_classifier(order_clf, order_data):
+    (texts, labels), (test_texts, _) = order_data
+    ens = TextClassifier(**FAST, ensemble=2).fit(texts, labels)
+    assert isinstance(ens.net_, ClassifierEnsemble) and len(ens.net_.members) == 2
+    single = order_clf.net_.state_dict()
+    first, second = (m.state_dict() for m in ens.net_.members)
+    assert all(torch.equal(single[k], first[k]) for k in single)  # member 1: seed 1234, the single run exactly
+    assert not torch.equal(first["head.weight"], second["head.weight"])  # member 2: seed 1235
+    encoded = encode_texts(test_texts, ens.vocab_, None, "head")
+    member_proba = [np.exp(predict_logits(m, encoded)) / np.exp(predict_logits(m, encoded)).sum(1, keepdims=True)
+                    for m in ens.net_.members]
+    assert ens.predict_proba(test_texts) == pytest.approx(np.mean(member_proba, 0), abs=1e-6)
+    assert ens.result_.stop_reason == "ensemble" and [m["seed"] for m in ens.result_.members] == [1234, 1235]
+    assert ens.score(test_texts, order_data[1][1]) >= 0.95
+
+
+def test_multi_label_ensemble_averages_sigmoids():
+    torch.manual_seed(0)
+    members = [ClassifierNet(ModelConfig(vocab_size=5, hidden=8, embed_dim=4), 3) for _ in range(3)]
+    ens = ClassifierEnsemble(members, multi_label=True).eval()
+    ids, lengths = torch.randint(0, 5, (4, 6)), torch.tensor([6, 3, 1, 5])
+    with torch.no_grad():
+        expected = torch.stack([torch.sigmoid(m.eval()(ids, lengths)) for m in members]).mean(0)
+        assert torch.sigmoid(ens(ids, lengths)).numpy() == pytest.approx(expected.numpy(), abs=1e-6)
+
+
+def test_ensemble_run_round_trips_and_resumes_after_an_interrupt(order_data, tmp_path):
+    (texts, labels), (test_texts, test_labels) = order_data
+    data = write_tsv(tmp_path / "train.tsv", texts[:200], labels[:200])
+    test = write_tsv(tmp_path / "test.tsv", test_texts, test_labels)
+    cfg = dict(FAST, max_epochs=3, patience=None, ensemble=2)
+    full = EnsembleTrainer.from_files(ClassifyConfig(**cfg, out=str(tmp_path / "full")), data)
+    full.fit()
+    steps_per_member = full.finished[0]["steps"]
+
+    def interrupt(record):  # in the second member
+        if record.get("step") == 5 and "train_loss" in record and cut.current.cfg.member == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cut = EnsembleTrainer.from_files(ClassifyConfig(**{**cfg, "log_every": 1}, out=str(tmp_path / "cut")), data,
+                                     on_log=interrupt)
+    with pytest.raises(ClassifierInterrupted, match=f"--resume {tmp_path / 'cut'}"):
+        cut.fit()
+    assert json.loads((tmp_path / "cut" / "ensemble.json").read_text())["members"][0]["member"] == 1
+    assert not (tmp_path / "cut" / "best").exists()
+    out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "cut"), "--quiet", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["steps"] == 2 * steps_per_member
+    a, b = TextClassifier.load(tmp_path / "full"), TextClassifier.load(tmp_path / "cut")
+    for name, value in a.net_.state_dict().items():
+        assert torch.equal(value, b.net_.state_dict()[name]), name
+    assert np.array_equal(a.predict_proba(test_texts), b.predict_proba(test_texts))
+    ev = CliRunner().invoke(main, ["classify", "eval", str(tmp_path / "cut"), str(test), "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.output)["accuracy"] == pytest.approx(b.score(test_texts, test_labels))
+
+
+def test_cli_trains_an_ensemble_and_refuses_a_bad_size(order_data, tmp_path):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "train.tsv", texts[:200], labels[:200])
+    args = ["classify", "train", str(data), "--hidden", "32", "--embed-dim", "16", "--lr", "0.01", "--batch-size", "16",
+            "--max-epochs", "2", "--device", "cpu"]
+    bad = CliRunner().invoke(main, [*args, "--ensemble", "0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--ensemble must be at least 1" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "bad").exists()
+    ok = CliRunner().invoke(main, [*args, "--ensemble", "2", "--out", str(tmp_path / "run")])
+    assert ok.exit_code == 0, ok.output
+    assert "ensemble: 2 members (seeds 1234, 1235)" in ok.output and "done: 2 members" in ok.output
+    assert {p.name for p in (tmp_path / "run").iterdir()} >= {"member-1", "member-2", "best", "ensemble.json"}
+    pred = CliRunner().invoke(main, ["classify", "predict", str(tmp_path / "run"), texts[0], "--json"])
+    assert pred.exit_code == 0, pred.output
+
 # -- reading data ---------------------------------------------------------------------------------------------------
 def test_reads_csv_tsv_jsonl_and_folders(tmp_path):
     (tmp_path / "d.csv").write_text('label,review\npos,"good, really"\nneg,"bad\nand worse"\n', encoding="utf-8")
@@ -487,7 +565,7 @@ def test_encode_labels_keeps_label_types():
 
 # -- scikit-learn conventions -----------------------------------------------------------------------------------------
 def test_params_mirror_the_config():
-    assert set(TextClassifier().get_params()) == set(ClassifyConfig().to_dict())
+    assert set(TextClassifier().get_params()) == set(ClassifyConfig().to_dict()) - {"member"}
     assert TextClassifier().config() == ClassifyConfig()
 
 

@@ -79,7 +79,10 @@ def _data_options(f):
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
 @click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear learning-rate warmup.")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine", show_default=True)
-@click.option("--max-epochs", type=float, help="Stop after this many passes over the training texts.  [default: 30]")
+@click.option("--ensemble", type=int, default=1, show_default=True,
+              help="Train this many classifiers (seeds SEED, SEED+1, ...; same data and validation split) and predict "
+                   "with their mean probability: steadier and usually more accurate, N times the training time.")
+@click.option("--max-epochs", type=float, help="Stop after this many passes over the training texts (each member of an ensemble).  [default: 30]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time", "time_text", help="Wall-clock budget, e.g. 90s, 10m, 2h.")
 @click.option("--eval-every", type=int, help="Validate every N steps (and at each epoch end).")
@@ -97,9 +100,10 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     """Train a classifier on DATA: CSV, TSV or JSONL (columns by name), or a folder of per-label subfolders.
 
     Keeps the model with the best validation macro-F1 in RUN/best and a
-    resumable RUN/last; Ctrl-C saves and tells how to resume.
+    resumable RUN/last; Ctrl-C saves and tells how to resume. With --ensemble N
+    the members train in RUN/member-1..N and RUN/best holds them all.
     """
-    from ..classify import ClassifierTrainer, ClassifyConfig
+    from ..classify import ClassifierTrainer, ClassifyConfig, EnsembleTrainer
 
     opts.update(time_budget=parse_duration(time_text), max_chars=max_chars or None, patience=patience or None,
                 quiet=quiet)
@@ -108,15 +112,16 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
         if data:
             raise CharnnError("--resume continues a run on its own data; drop the DATA argument")
         overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet")}
-        trainer = ClassifierTrainer.resume(resume, overrides)
+        trainer = (EnsembleTrainer if EnsembleTrainer.is_ensemble_run(resume) else ClassifierTrainer).resume(resume, overrides)
         log(f"resuming {trainer.run_dir} at step {trainer.step}")
     else:
         if opts["max_epochs"] is None:
             del opts["max_epochs"]  # the default; on --resume, None keeps the run's own
         if not data:
             raise CharnnError("no data given; pass a CSV/TSV/JSONL file or a folder, e.g. charnn classify train data.csv")
-        trainer = ClassifierTrainer.from_files(ClassifyConfig(**opts), data, val_data, text_col=text_col,
-                                               label_col=label_col, label_sep=label_sep, encoding=encoding)
+        cfg = ClassifyConfig(**opts)
+        trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer).from_files(
+            cfg, data, val_data, text_col=text_col, label_col=label_col, label_sep=label_sep, encoding=encoding)
     log(trainer.describe())
     result = fit_or_exit(trainer, "charnn classify train")
     if as_json:
@@ -127,6 +132,10 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
         how = (f"C {result.probe['c']:g} chosen by {result.probe['folds']}-fold cross-validation" if result.probe["folds"]
                else f"C {result.probe['c']:g}: too few texts per class to cross-validate")
         log(f"done (linear probe, {how}): {result.elapsed:.1f} s, validation macro-F1 {best}")
+    elif result.members:
+        log(f"done: {len(result.members)} members, {result.steps} steps in all, {result.elapsed:.1f} s; the "
+            f"ensemble's validation macro-F1 {best} (members: "
+            f"{', '.join(format(m['best_val_f1'] or 0, '.4f') for m in result.members)})")
     else:
         log(f"done ({result.stop_reason}): {result.steps} steps, {result.epochs:.2f} epochs, {result.elapsed:.1f} s, "
             f"best validation macro-F1 {best}")
