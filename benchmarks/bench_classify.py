@@ -26,8 +26,9 @@ For each dataset (../shared/datasets/names.tsv: surnames in 20 languages;
      bit for bit, so with both systems that row is read from the ensemble's
      first member instead of being trained twice.
 
-charnn's settings (1x256 LSTM, concat pooling, at most 20 epochs with all
-labels and 40 at the budgets, balanced class weights on names only) were
+charnn's settings (a 1x256 LSTM from scratch, the language model's 2x256
+when fine-tuned, concat pooling, at most 20 epochs with all labels and 40 at
+the budgets, balanced class weights on names only, 3 ensemble members) were
 chosen on a development split (``--split-seed 100``), never on the test split.
 Test accuracy and macro-F1 come from ``charnn.classify.classification_report``
 for every system (it matches scikit-learn's, see tests). Training time is the
