@@ -387,7 +387,7 @@ def test_multi_label_ensemble_averages_sigmoids():
         assert torch.sigmoid(ens(ids, lengths)).numpy() == pytest.approx(expected.numpy(), abs=1e-6)
 
 
-def test_ensemble_run_round_trips_and_resumes_after_an_interrupt(order_data, tmp_path):
+def test_ensemble_run_round_trips_and_resumes_after_an_interrupt(order_data, tmp_path, monkeypatch):
     (texts, labels), (test_texts, test_labels) = order_data
     data = write_tsv(tmp_path / "train.tsv", texts[:200], labels[:200])
     test = write_tsv(tmp_path / "test.tsv", test_texts, test_labels)
@@ -406,8 +406,12 @@ def test_ensemble_run_round_trips_and_resumes_after_an_interrupt(order_data, tmp
         cut.fit()
     assert json.loads((tmp_path / "cut" / "ensemble.json").read_text())["members"][0]["member"] == 1
     assert not (tmp_path / "cut" / "best").exists()
+    resumed, resume = [], ClassifierTrainer.resume.__func__
+    monkeypatch.setattr(ClassifierTrainer, "resume",
+                        classmethod(lambda cls, run_dir, *a, **k: resumed.append(Path(run_dir)) or resume(cls, run_dir, *a, **k)))
     out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "cut"), "--quiet", "--json"])
     assert out.exit_code == 0, out.output
+    assert resumed == [tmp_path / "cut" / "member-2"]  # member 1 is loaded as it finished, member 2 continues
     assert json.loads(out.output)["steps"] == 2 * steps_per_member
     a, b = TextClassifier.load(tmp_path / "full"), TextClassifier.load(tmp_path / "cut")
     for name, value in a.net_.state_dict().items():
@@ -432,6 +436,8 @@ def test_cli_trains_an_ensemble_and_refuses_a_bad_size(order_data, tmp_path):
     assert {p.name for p in (tmp_path / "run").iterdir()} >= {"member-1", "member-2", "best", "ensemble.json"}
     pred = CliRunner().invoke(main, ["classify", "predict", str(tmp_path / "run"), texts[0], "--json"])
     assert pred.exit_code == 0, pred.output
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
+    assert info.exit_code == 0 and "ensemble: 2 members, mean probability; seed 1234 macro-F1" in info.output
 
 # -- reading data ---------------------------------------------------------------------------------------------------
 def test_reads_csv_tsv_jsonl_and_folders(tmp_path):

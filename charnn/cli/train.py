@@ -198,6 +198,11 @@ def info_cmd(checkpoint, last, as_json):
     for key in ("step", "epoch", "train_chars", "val_bpc", "best_val_bpc", "device", "precision", "elapsed"):
         if key in s:
             click.echo(f"{key}: {s[key]}")
+    if isinstance(s.get("best"), dict) and "val_macro_f1" in s["best"]:
+        click.echo(f"best validation: macro-F1 {s['best']['val_macro_f1']}, accuracy {s['best'].get('val_accuracy')}")
+    if s.get("members"):
+        click.echo(f"ensemble: {len(s['members'])} members, mean probability; "
+                   + ", ".join(f"seed {m['seed']} macro-F1 {m['best_val_f1']}" for m in s["members"]))
     t = ck.config.get("training", {})
     if t.get("optimizer"):
         click.echo(f"optimizer: {t['optimizer']} lr {t.get('lr')}, weight decay {s.get('weight_decay', t.get('weight_decay'))}"
