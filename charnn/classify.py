@@ -920,17 +920,8 @@ class ClassifierTrainer(BudgetClock):
         source = ckpt.load_checkpoint(run_dir, which="last", with_train_state=True)
         if source.kind != KIND:
             raise CharnnError(f"{source.path} is a {source.kind} checkpoint; resume it with charnn train --resume")
-        cfg = ClassifyConfig.from_dict(source.config["training"])
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                setattr(cfg, key, value)
-        info = source.config.get("data")
-        if data is None:
-            if not info:
-                raise CharnnError(f"{run_dir} was trained on data passed from Python; pass the same data to resume it")
-            train, vdata = _read_info(info, cfg.multi_label)
-            data = (train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None)
-        trainer = cls(cfg, *data, data_info=info, resume_from=source, **kwargs)
+        cfg, data = _resumed_settings(run_dir, source, overrides, data)
+        trainer = cls(cfg, *data, data_info=source.config.get("data"), resume_from=source, **kwargs)
         if trainer.fingerprint != source.train_state.get("fingerprint"):
             raise CharnnError(f"the data changed since {run_dir} started (or is split differently); "
                               "start a new run on the new data")
@@ -1237,17 +1228,9 @@ class EnsembleTrainer:
                **kwargs) -> "EnsembleTrainer":
         """Continue an ensemble run: the finished members are loaded, the interrupted one resumes."""
         source = ckpt.load_checkpoint(Path(run_dir) / "member-1", which="last")
-        cfg = ClassifyConfig.from_dict({**source.config["training"], "member": 0})
-        for key, value in (overrides or {}).items():
-            if value is not None:
-                setattr(cfg, key, value)
-        info = source.config.get("data")
-        if data is None:
-            if not info:
-                raise CharnnError(f"{run_dir} was trained on data passed from Python; pass the same data to resume it")
-            train, vdata = _read_info(info, cfg.multi_label)
-            data = (train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None)
-        return cls(cfg, *data, run_dir=run_dir, data_info=info, resuming=True, **kwargs)
+        cfg, data = _resumed_settings(run_dir, source, overrides, data)
+        cfg.member = 0
+        return cls(cfg, *data, run_dir=run_dir, data_info=source.config.get("data"), resuming=True, **kwargs)
 
     @classmethod
     def is_ensemble_run(cls, run_dir: str | Path) -> bool:
@@ -1325,6 +1308,22 @@ class EnsembleTrainer:
 
 def _patience_spent(patience: int | None, bad_evals: int) -> bool:
     return bool(patience) and bad_evals >= patience
+
+
+def _resumed_settings(run_dir, source: ckpt.Checkpoint, overrides: dict | None, data: tuple | None):
+    """A run's settings with ``overrides`` (None values ignored), and its data: ``data`` as given, or read again
+    from the files the run was started on."""
+    cfg = ClassifyConfig.from_dict(source.config["training"])
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            setattr(cfg, key, value)
+    info = source.config.get("data")
+    if data is None:
+        if not info:
+            raise CharnnError(f"{run_dir} was trained on data passed from Python; pass the same data to resume it")
+        train, vdata = _read_info(info, cfg.multi_label)
+        data = (train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None)
+    return cfg, data
 
 
 def _read_info(info: dict, multi_label: bool) -> tuple[LabelledData, LabelledData | None]:
