@@ -24,7 +24,8 @@ For each dataset (../shared/datasets/names.tsv: surnames in 20 languages;
      ``--seed``, ``--seed`` + 1, ...) predicting with their mean probability
      (``TextClassifier(ensemble=N)``). Its first member is ``charnn-finetune``
      bit for bit, so with both systems that row is read from the ensemble's
-     first member instead of being trained twice.
+     first member instead of being trained twice (its training time is then
+     the member's own, without predicting the test texts).
 
 charnn's settings (a 1x256 LSTM from scratch, the language model's 2x256
 when fine-tuned, concat pooling, at most 20 epochs with all labels and 40 at
