@@ -69,6 +69,7 @@ FINE_TUNE_LR_DECAY = 2.6  # ULMFiT: each layer down learns 2.6 times slower
 PROBE_BELOW_STEPS_PER_EPOCH = 32
 BUCKET_BATCHES = 50  # training batches are cut from shuffled chunks of this many batches, sorted by length
 PREDICT_BATCH = 256
+RESUME_OVERRIDES = ("max_epochs", "max_steps", "time_budget", "device", "quiet")  # settings a resumed run may change
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -1248,8 +1249,8 @@ class EnsembleTrainer:
         cfg = replace(self.cfg, member=i)
         member_dir = self._member_dir(i)
         if member_dir and ckpt.is_checkpoint_dir(member_dir / "last"):
-            return ClassifierTrainer.resume(member_dir, {k: getattr(cfg, k) for k in ("max_epochs", "max_steps",
-                                            "time_budget", "device", "quiet")}, self.data, on_log=self.on_log)
+            return ClassifierTrainer.resume(member_dir, {k: getattr(cfg, k) for k in RESUME_OVERRIDES}, self.data,
+                                            on_log=self.on_log)
         if member_dir and member_dir.exists():
             shutil.rmtree(member_dir)  # interrupted before its first checkpoint: nothing to keep
         return ClassifierTrainer(cfg, *self.data, run_dir=member_dir, data_info=self.data_info, on_log=self.on_log)
@@ -1261,7 +1262,7 @@ class EnsembleTrainer:
             self.nets.append(load_classifier(self._member_dir(i))[0])
 
     def describe(self) -> str:
-        seeds = ", ".join(str(self.cfg.seed + i) for i in range(self.cfg.ensemble))
+        seeds = ", ".join(str(replace(self.cfg, member=i).init_seed) for i in range(self.cfg.ensemble))
         done = f"; {len(self.finished)} finished" if self.finished else ""
         return (f"{self.current.describe()}\nensemble: {self.cfg.ensemble} members (seeds {seeds}) in "
                 f"{self.run_dir}/member-N{done}; their mean probability predicts")
@@ -1285,21 +1286,24 @@ class EnsembleTrainer:
         if self.run_dir:
             ckpt.save_checkpoint(self.run_dir / "best", model=self.net, vocab=self.vocab, config=self.config_dict())
         best = self.best or {}
-        return ClassifyResult(self.run_dir, sum(m["steps"] for m in self.finished),
-                              sum(m["epochs"] for m in self.finished), best.get("val_macro_f1"),
+        return ClassifyResult(self.run_dir, self._total("steps"), self._total("epochs"), best.get("val_macro_f1"),
                               best.get("val_accuracy"), best.get("val_macro_f1"), self.finished[0]["train_texts"],
                               self.finished[0]["val_texts"], float(np.mean([m["train_chars_per_sec"] for m in self.finished])),
-                              sum(m["elapsed"] for m in self.finished), "ensemble", members=self.finished)
+                              self._total("elapsed"), "ensemble", members=self.finished)
+
+    def _total(self, key: str):
+        """The finished members' steps, epochs or seconds added up."""
+        return sum(m[key] for m in self.finished)
 
     def config_dict(self) -> dict:
-        """The first member's settings with ``classifier.members`` and the ensemble's validation scores."""
+        """The members' shared settings (member 0's seed) with ``classifier.members`` and the ensemble's
+        validation scores."""
         config = self.current.config_dict()
         config["classifier"]["members"] = self.cfg.ensemble
         config["training"] = {**config["training"], "member": 0}
         config["summary"] = {**config["summary"], "best": self.best, "last": self.best,
-                             "step": sum(m["steps"] for m in self.finished),
-                             "epoch": round(sum(m["epochs"] for m in self.finished), 4),
-                             "elapsed": round(sum(m["elapsed"] for m in self.finished), 2),
+                             "step": self._total("steps"), "epoch": round(self._total("epochs"), 4),
+                             "elapsed": round(self._total("elapsed"), 2),
                              "parameters": sum(p.numel() for p in self.net.parameters()),
                              "members": [{k: m[k] for k in ("member", "seed", "steps", "epochs", "best_val_f1",
                                                             "stop_reason")} for m in self.finished]}

@@ -103,7 +103,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     resumable RUN/last; Ctrl-C saves and tells how to resume. With --ensemble N
     the members train in RUN/member-1..N and RUN/best holds them all.
     """
-    from ..classify import ClassifierTrainer, ClassifyConfig, EnsembleTrainer
+    from ..classify import RESUME_OVERRIDES, ClassifierTrainer, ClassifyConfig, EnsembleTrainer
 
     opts.update(time_budget=parse_duration(time_text), max_chars=max_chars or None, patience=patience or None,
                 quiet=quiet)
@@ -111,7 +111,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     if resume:
         if data:
             raise CharnnError("--resume continues a run on its own data; drop the DATA argument")
-        overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet")}
+        overrides = {k: opts[k] for k in RESUME_OVERRIDES}
         trainer = (EnsembleTrainer if EnsembleTrainer.is_ensemble_run(resume) else ClassifierTrainer).resume(resume, overrides)
         log(f"resuming {trainer.run_dir} at step {trainer.step}")
     else:
