@@ -164,8 +164,15 @@ def _jsonl_rows(path: Path, text: str) -> _Rows:
 
 
 def _pick_columns(path: Path, table: _Rows, text_col: str, label_col: str) -> _Raw:
+    if text_col == label_col:
+        raise CharnnError(f"--text-col and --label-col both name {text_col!r}; the texts and the labels must be "
+                          "different columns")
     if not table.rows:
         raise CharnnError(f"{path} holds no examples; it needs a header and at least one row")
+    for col in (text_col, label_col):
+        if table.columns.count(col) > 1:
+            raise CharnnError(f"{path}: the header names column {col!r} {table.columns.count(col)} times; "
+                              "rename the copies so each column name is unique")
     for col, option in ((text_col, "--text-col"), (label_col, "--label-col")):
         if col not in table.columns:
             raise CharnnError(f"{path} has no column {col!r} (columns: {', '.join(map(str, table.columns))}); "
@@ -217,10 +224,18 @@ def _parse_label(where: str, value, multi_label: bool, sep: str):
 
 
 # -- labels and splits ------------------------------------------------------------------------------
-def encode_labels(labels, multi_label: bool, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+UNSEEN_AT_EVAL = ("labels the model was not trained on", "evaluate on data with the training labels, "
+                  "or retrain with these labels")
+UNSEEN_IN_VAL = ("validation labels that the training data lacks", "every --val label must occur in the "
+                 "training data; move those examples into DATA or drop them")
+
+
+def encode_labels(labels, multi_label: bool, classes: np.ndarray | None = None,
+                  unseen: tuple[str, str] = UNSEEN_AT_EVAL) -> tuple[np.ndarray, np.ndarray]:
     """``(classes, y)``: y holds class indices, or a 0/1 matrix when ``multi_label``.
 
-    Given ``classes`` (a trained model's), labels outside them are an error.
+    Given ``classes`` (a trained model's), labels outside them are an error, worded by ``unseen``
+    (what they are, and the fix).
     """
     if labels is None:
         raise InvalidInput("this classifier requires y to be passed, but the target y is None; give one label per text")
@@ -236,7 +251,7 @@ def encode_labels(labels, multi_label: bool, classes: np.ndarray | None = None) 
         seen = sorted({x for s in sets for x in s}, key=_sort_key)
         if classes is None:
             classes = _class_array(seen)
-        _check_known(seen, classes)
+        _check_known(seen, classes, unseen)
         index = {c: i for i, c in enumerate(classes.tolist())}
         y = np.zeros((len(sets), len(classes)), np.float32)
         for row, s in enumerate(sets):
@@ -253,7 +268,7 @@ def encode_labels(labels, multi_label: bool, classes: np.ndarray | None = None) 
     seen = sorted(set(values), key=_sort_key)
     if classes is None:
         classes = _class_array(seen)
-    _check_known(seen, classes)
+    _check_known(seen, classes, unseen)
     index = {c: i for i, c in enumerate(classes.tolist())}
     return classes, np.array([index[v] for v in values], dtype=np.int64)
 
@@ -271,14 +286,14 @@ def _class_array(values: list) -> np.ndarray:
     return arr if arr.dtype.kind in "biufUS" else np.array(values, dtype=object)
 
 
-def _check_known(seen: list, classes: np.ndarray) -> None:
-    known = set(classes.tolist())
-    unseen = [v for v in seen if v not in known]
+def _check_known(seen: list, classes: np.ndarray, wording: tuple[str, str]) -> None:
+    known = classes.tolist()
+    unseen = [v for v in seen if v not in set(known)]
     if unseen:
+        what, fix = wording
         shown = ", ".join(repr(v) for v in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
-        raise InvalidInput(f"labels the model was not trained on: {shown} (it knows {len(known)}: "
-                          f"{', '.join(map(repr, list(known)[:8]))}{' ...' if len(known) > 8 else ''}); "
-                          "evaluate on data with the training labels, or retrain with these labels")
+        raise InvalidInput(f"{what}: {shown} (the training labels, {len(known)}: "
+                          f"{', '.join(map(repr, known[:8]))}{' ...' if len(known) > 8 else ''}); {fix}")
 
 
 def stratified_split(keys: Sequence, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -735,6 +750,10 @@ class ClassifyConfig:
              "reads left to right); drop --bidirectional or --init-from"),
             (not (self.freeze_encoder and not self.init_from), "--freeze-encoder keeps a language model's encoder fixed; "
              "give it one with --init-from"),
+            (not (self.gradual_unfreeze and not self.init_from), "--gradual-unfreeze unfreezes a language model's "
+             "layers one per epoch; give it one with --init-from, or drop --gradual-unfreeze"),
+            (not (self.gradual_unfreeze and self.freeze_encoder), "--freeze-encoder trains the head only, so there "
+             "is nothing to unfreeze; drop --gradual-unfreeze or --freeze-encoder"),
         ]
         for ok, message in checks:
             if not ok:
@@ -825,7 +844,7 @@ class ClassifierTrainer(BudgetClock):
             val_texts = check_texts(val_texts)
             if len(val_texts) != len(val_labels):
                 raise InvalidInput(f"{len(val_texts)} validation texts but {len(val_labels)} labels")
-            _, y_val = encode_labels(val_labels, cfg.multi_label, self.classes)
+            _, y_val = encode_labels(val_labels, cfg.multi_label, self.classes, UNSEEN_IN_VAL)
         self.texts, self.y, self.val_texts, self.y_val = texts, y, val_texts, y_val
         self.fingerprint = _fingerprint(texts + list(val_texts), np.concatenate([y, y_val]))
         lm = None
@@ -856,8 +875,8 @@ class ClassifierTrainer(BudgetClock):
         self.schedule = LRSchedule(cfg)
         self.loss_weights = self._loss_weights()
         self.steps_per_epoch = math.ceil(len(self.texts) / cfg.batch_size)
-        self.auto_probe = cfg.freeze_encoder is None and cfg.fine_tuning and \
-            self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH
+        self.auto_probe = cfg.freeze_encoder is None and cfg.gradual_unfreeze is not True and cfg.fine_tuning and \
+            self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH  # asking for gradual unfreezing asks to fine-tune
         if cfg.freeze_encoder is None:  # the run's settings say what it really used
             cfg.freeze_encoder = self.auto_probe
         # progress

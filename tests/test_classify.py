@@ -203,13 +203,16 @@ def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_da
     (512, None, False),    # 32 steps per epoch: gradual unfreezing
     (64, False, False),    # an explicit choice wins either way
     (512, True, True),
+    (64, "gradual", False),  # asking for gradual unfreezing asks to fine-tune
 ])
 def test_small_labelled_sets_fine_tune_as_a_linear_probe(tiny_run, order_data, n_texts, freeze, expect_probe):
     (texts, labels), _ = order_data
     texts, labels = (texts * 4)[:n_texts], (labels * 4)[:n_texts]
     lm, _ = load_language_model(tiny_run)
+    gradual = True if freeze == "gradual" else None
+    freeze = None if freeze == "gradual" else freeze
     cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "max_epochs": 3, "val_fraction": 0.0,
-                            "freeze_encoder": freeze})
+                            "freeze_encoder": freeze, "gradual_unfreeze": gradual})
     trainer = ClassifierTrainer(cfg, texts, labels)
     assert trainer.steps_per_epoch == n_texts // FAST["batch_size"]
     assert trainer.cfg.freeze_encoder is expect_probe  # the run records what it used
@@ -241,7 +244,7 @@ def test_a_probe_run_reports_its_choice_and_leaves_the_encoder_alone(tiny_run, o
 def test_cli_says_when_it_chose_the_linear_probe(tiny_run, order_data, tmp_path, flag, expect_probe):
     (texts, labels), _ = order_data
     data = write_tsv(tmp_path / "few.tsv", texts[:60], labels[:60])
-    args = ["classify", "train", str(data), "--init-from", str(tiny_run), "--max-epochs", "1", "--hidden", "32",
+    args = ["classify", "train", str(data), "--init-from", str(tiny_run), "--max-epochs", "1",
             "--out", str(tmp_path / "r"), *([flag] if flag else [])]
     out = CliRunner().invoke(main, args)
     assert out.exit_code == 0, out.output
@@ -267,6 +270,30 @@ def test_classifier_from_scratch_never_freezes(order_data):
 def test_fine_tuning_refuses_bidirectional(tiny_run):
     with pytest.raises(CharnnError, match="bidirectional"):
         ClassifyConfig(init_from=str(tiny_run), bidirectional=True).validate()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"gradual_unfreeze": True}, "--gradual-unfreeze unfreezes a language model's layers.*--init-from"),
+    ({"gradual_unfreeze": True, "freeze_encoder": True, "init_from": "lm"}, "nothing to unfreeze"),
+])
+def test_contradictory_transfer_options_are_refused(settings, message):
+    with pytest.raises(CharnnError, match=message):
+        ClassifyConfig(**settings).validate()
+
+
+def test_cli_refuses_options_it_would_ignore(tiny_run, order_data, tmp_path):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "train.tsv", texts[:60], labels[:60])
+    out = CliRunner().invoke(main, ["classify", "train", str(data), "--init-from", str(tiny_run), "--hidden", "16",
+                                    "--cell", "gru", "--out", str(tmp_path / "ft")])
+    assert out.exit_code == 2 and not (tmp_path / "ft").exists()
+    assert out.output.startswith("error: --cell, --hidden: with --init-from the encoder is the language model's")
+    args = ["classify", "train", str(data), "--hidden", "16", "--embed-dim", "8", "--max-epochs", "1", "--device", "cpu",
+            "--quiet", "--out", str(tmp_path / "run")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    resumed = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "run"), "--lr", "0.1",
+                                        "--max-epochs", "2"])
+    assert resumed.exit_code == 2 and "error: --lr: a resumed run keeps its own settings" in resumed.output
 
 
 def test_init_from_a_classifier_is_refused(cli_run, order_data):
@@ -475,12 +502,19 @@ def test_reads_the_shared_datasets():
     ("", ".csv", r"empty or has no header"),
     ('{"text": "a", "label": "x"}\nnot json\n', ".jsonl", r"line 2 is not valid JSON"),
     ("text,label\na,b\n", ".xlsx", r"cannot tell the format"),
+    ("text,label,text\na,b,c\n", ".csv", r"names column 'text' 2 times; rename the copies"),
 ])
 def test_malformed_files_give_clear_errors(tmp_path, content, suffix, message):
     path = tmp_path / f"data{suffix}"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(CharnnError, match=message):
         read_labelled(path)
+
+
+def test_text_and_label_columns_must_differ(tmp_path):
+    path = write_tsv(tmp_path / "d.tsv", ["a", "b"], ["x", "y"])
+    with pytest.raises(CharnnError, match="--text-col and --label-col both name 'label'"):
+        read_labelled(path, text_col="label", label_col="label")
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path):
@@ -507,11 +541,12 @@ def test_labels_unseen_in_training_are_refused_at_eval(cli_run, order_data, tmp_
     out = CliRunner().invoke(main, ["classify", "eval", str(run), str(bad)])
     assert out.exit_code == 2
     assert "not trained on: 'ww', 'zz'" in out.output and "Traceback" not in out.output
+    assert "(the training labels, 2: 'xy', 'yx')" in out.output  # in order, whatever the hash seed
 
 
 def test_validation_labels_unseen_in_training_are_refused(order_data):
     (texts, labels), _ = order_data
-    with pytest.raises(CharnnError, match="not trained on: 'new'"):
+    with pytest.raises(CharnnError, match="validation labels that the training data lacks: 'new'.*every --val label"):
         TextClassifier(**FAST).fit(texts[:20], labels[:20], val_texts=["xy"], val_labels=["new"])
 
 

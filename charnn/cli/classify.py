@@ -17,6 +17,17 @@ def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")
+RESUMABLE = ("resume", "quiet", "as_json", "time_text", "max_epochs", "max_steps", "device")  # a resumed run may take
+
+
+def _given_on_command_line(names) -> list[str]:
+    """Which of the options ``names`` the user typed (rather than left at their defaults), as --flags."""
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [flags[n] for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+
+
 @main.group("classify", cls=CharnnGroup)
 def classify():
     """Classify whole texts with a character RNN (from scratch or fine-tuned from a language model).
@@ -54,7 +65,8 @@ def _data_options(f):
 @click.option("--freeze-encoder/--no-freeze-encoder", default=None,
               help="Train the head only: a linear probe of the language model's features, fitted as logistic regression "
                    "with its L2 strength chosen by 5-fold cross-validation.  "
-                   "[default: on with --init-from when an epoch is under 32 steps, i.e. fewer than 32 x batch texts]")
+                   "[default: on with --init-from when an epoch is under 32 steps, i.e. fewer than 32 x batch texts, "
+                   "unless --gradual-unfreeze is given]")
 @click.option("--gradual-unfreeze/--no-gradual-unfreeze", default=None, help="Unfreeze one layer per epoch from the top.  [default: on with --init-from]")
 @click.option("--layer-lr-decay", type=float, help="Each layer down learns this many times slower.  [default: 2.6 with --init-from, else 1]")
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell (from scratch).")
@@ -111,6 +123,10 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     if resume:
         if data:
             raise CharnnError("--resume continues a run on its own data; drop the DATA argument")
+        fixed = _given_on_command_line([n for n in click.get_current_context().params if n not in RESUMABLE])
+        if fixed:
+            raise CharnnError(f"{', '.join(fixed)}: a resumed run keeps its own settings (it may change only the budget, "
+                              "--device and --quiet); drop them, or start a new run")
         overrides = {k: opts[k] for k in RESUME_OVERRIDES}
         trainer = (EnsembleTrainer if EnsembleTrainer.is_ensemble_run(resume) else ClassifierTrainer).resume(resume, overrides)
         log(f"resuming {trainer.run_dir} at step {trainer.step}")
@@ -119,6 +135,10 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
             del opts["max_epochs"]  # the default; on --resume, None keeps the run's own
         if not data:
             raise CharnnError("no data given; pass a CSV/TSV/JSONL file or a folder, e.g. charnn classify train data.csv")
+        ignored = _given_on_command_line(SCRATCH_ONLY) if opts["init_from"] else []
+        if ignored:
+            raise CharnnError(f"{', '.join(ignored)}: with --init-from the encoder is the language model's (its cell, "
+                              "size, dropout and vocabulary); drop these options or --init-from")
         cfg = ClassifyConfig(**opts)
         trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer).from_files(
             cfg, data, val_data, text_col=text_col, label_col=label_col, label_sep=label_sep, encoding=encoding)
