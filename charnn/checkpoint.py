@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .errors import CharnnError
@@ -36,6 +36,9 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 TRAIN_TENSORS, TRAIN_JSON = "train_state.safetensors", "train_state.json"
 METRICS = "metrics.jsonl"
+CHECKPOINT_FILES = frozenset({WEIGHTS, CONFIG, VOCAB, TRAIN_TENSORS, TRAIN_JSON})
+# The command that trains (and resumes) a run of each checkpoint kind.
+RESUME_COMMANDS = {"language-model": "charnn train", "classifier": "charnn classify train"}
 DEFAULT_ROOT = Path("checkpoints")
 
 
@@ -46,8 +49,14 @@ def new_run_dir(out: str | Path | None, stem: str) -> Path:
     """
     if out:
         run_dir = Path(out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise CharnnError(f"{run_dir} is a file, not a run directory; choose another --out")
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise CharnnError(f"{run_dir} already holds files; resume it with --resume {run_dir}, or choose another --out")
+            kind = run_kind(run_dir)
+            if kind in RESUME_COMMANDS:
+                raise CharnnError(f"{run_dir} already holds a {kind} run; resume it with {RESUME_COMMANDS[kind]} "
+                                  f"--resume {run_dir}, or choose another --out")
+            raise CharnnError(f"{run_dir} already holds files; choose another --out (a new or empty directory)")
         return run_dir
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, n = DEFAULT_ROOT / f"{stem}-{stamp}", 1
@@ -55,6 +64,21 @@ def new_run_dir(out: str | Path | None, stem: str) -> Path:
         n += 1
         run_dir = DEFAULT_ROOT / f"{stem}-{stamp}-{n}"
     return run_dir
+
+
+def run_kind(run_dir: str | Path) -> str | None:
+    """The kind ("language-model", "classifier") of the run in ``run_dir``, from its newest checkpoint's config
+    (an ensemble's from its first member's); None where it holds no readable checkpoint."""
+    run_dir = Path(run_dir)
+    for sub in ("last", "best", ".last.old", ".best.old", "member-1/last", "member-1/best"):
+        config = run_dir / sub / CONFIG
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return data.get("kind", "language-model")
+    return None
 
 
 @dataclass
@@ -70,6 +94,15 @@ class Checkpoint:
     @property
     def kind(self) -> str:
         return self.config.get("kind", "language-model")
+
+    def check_weights(self) -> None:
+        """A cheap check of the weights file: its safetensors header must parse and cover exactly the whole file,
+        so a truncated, padded or overwritten file is caught without reading any tensor."""
+        try:
+            with safe_open(str(self.path / WEIGHTS), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise CharnnError(f"{self.path / WEIGHTS} is damaged ({e}); use another checkpoint") from e
 
     def load_weights(self, module: torch.nn.Module, device: str | torch.device = "cpu") -> None:
         """Copy the saved weights into ``module`` (which must have the saved architecture)."""
@@ -100,8 +133,13 @@ def save_checkpoint(
     train_state: dict | None = None,
     train_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Atomically write a checkpoint directory (replacing any previous one)."""
+    """Atomically write a checkpoint directory at ``directory``.
+
+    ``directory`` may be absent, an empty directory or an earlier checkpoint directory (which is replaced);
+    anything else (a file, a run directory, a folder of other files) is refused with nothing touched.
+    """
     target = Path(directory)
+    _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)
@@ -127,8 +165,26 @@ def _fsync_dir_files(directory: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def _check_replaceable(target: Path) -> None:
+    """Refuse to write a checkpoint over anything but an empty directory or an earlier checkpoint directory."""
+    if target.is_symlink():
+        raise CharnnError(f"{target} is a link, not a checkpoint directory; save to a new or empty directory")
+    if target.exists() and not target.is_dir():
+        raise CharnnError(f"{target} is a file, not a checkpoint directory; save to a new or empty directory")
+    if not target.exists():
+        return
+    entries = {p.name for p in target.iterdir()}
+    if entries and not (is_checkpoint_dir(target) and entries <= CHECKPOINT_FILES):
+        raise CharnnError(f"{target} already holds other files (it is not a checkpoint directory); save to a new "
+                          f"or empty directory, or move those files away first")
+
+
 def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; at every instant one complete copy exists on disk."""
+    """Rename ``tmp`` to ``target``; at every instant one complete copy exists on disk.
+
+    ``target``, if it exists, is deleted: the caller has checked it is a checkpoint directory or empty.
+    """
+    _check_replaceable(target)
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -185,7 +241,7 @@ def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root
         path = latest_run(root)
     p = Path(path)
     if not p.exists():
-        raise CharnnError(f"checkpoint {p} not found; pass a run directory made by charnn train")
+        raise CharnnError(f"checkpoint {p} not found; pass a run directory or a checkpoint directory")
     if is_checkpoint_dir(p):
         return p
     for name in (which, "last" if which == "best" else "best"):
@@ -193,7 +249,7 @@ def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root
             if is_checkpoint_dir(candidate):
                 return candidate
     raise CharnnError(
-        f"{p} is not a charnn checkpoint (no {CONFIG} and {WEIGHTS}); pass a run directory made by charnn train"
+        f"{p} is not a charnn checkpoint (no {CONFIG} and {WEIGHTS}); pass a run directory or a checkpoint directory"
     )
 
 
@@ -232,7 +288,7 @@ def load_checkpoint(path: str | Path | None = None, *, which: str = "best", with
     directory = resolve_checkpoint(path, which)
     config = _read_json(directory / CONFIG)
     if config.get("format") != FORMAT:
-        raise CharnnError(f"{directory / CONFIG} is not a charnn checkpoint config; pass a run made by charnn train")
+        raise CharnnError(f"{directory / CONFIG} is not a charnn checkpoint config; pass a run directory or a checkpoint directory")
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CharnnError(f"{directory} was written by a newer charnn (format {config['format_version']}); upgrade charnn")
     vocab = Vocabulary.from_dict(_read_json(directory / VOCAB))

@@ -21,8 +21,14 @@ def require_matplotlib():
 
 
 def plot_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Plot training loss and validation bpc against steps; returns the PNG path."""
+    """Plot a run's curves against steps; returns the PNG path.
+
+    A language model: training loss and validation bpc, in bits per character. A classifier: training
+    loss (cross-entropy in nats) above validation macro-F1; an ensemble run draws each member's curves.
+    """
     run_dir = Path(run_dir)
+    if ckpt.run_kind(run_dir) == "classifier":
+        return _plot_classifier(run_dir, output)
     records = ckpt.read_metrics(run_dir)
     train = [(r["step"], bits_per_char(r["train_loss"])) for r in records if "train_loss" in r]
     val = [(r["step"], r["val_bpc"]) for r in records if "val_bpc" in r]
@@ -39,6 +45,37 @@ def plot_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(plt, fig, run_dir, output)
+
+
+def _plot_classifier(run_dir: Path, output: str | Path | None) -> Path:
+    """Training loss (nats) in the upper panel, validation macro-F1 in the lower, one pair of lines per member."""
+    members = sorted((d for d in run_dir.glob("member-*") if d.is_dir() and d.name[7:].isdigit()),
+                     key=lambda d: int(d.name[7:]))
+    sources = [(f"member {d.name[7:]} ", ckpt.read_metrics(d)) for d in members] if members else [("", ckpt.read_metrics(run_dir))]
+    curves = [(name, [(r["step"], r["train_loss"]) for r in records if "train_loss" in r],
+               [(r["step"], r["val_macro_f1"]) for r in records if "val_macro_f1" in r]) for name, records in sources]
+    if not any(train or val for _, train, val in curves):
+        raise CharnnError(f"{run_dir} has no metrics to plot; train for at least a few steps first")
+    plt = require_matplotlib()
+    fig, (loss_ax, f1_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 6.5), dpi=100)
+    for name, train, val in curves:
+        if train:
+            loss_ax.plot(*zip(*train), label=f"{name}train loss", alpha=0.7)
+        if val:
+            f1_ax.plot(*zip(*val), "o-", label=f"{name}validation macro-F1")
+    loss_ax.set_ylabel("training loss (cross-entropy, nats)")
+    loss_ax.set_title(run_dir.name + (f" (ensemble of {len(members)}; each member's steps)" if members else ""))
+    f1_ax.set_ylabel("validation macro-F1")
+    f1_ax.set_xlabel("step")
+    for ax in (loss_ax, f1_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    return _save(plt, fig, run_dir, output)
+
+
+def _save(plt, fig, run_dir: Path, output: str | Path | None) -> Path:
     out = Path(output) if output else run_dir / "curves.png"
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp)

@@ -391,6 +391,12 @@ class Trainer(BudgetClock):
         A run saved by N processes resumes on M processes (or one) with the same
         global batch: the per-process batch becomes global / (M x grad_accum).
         """
+        kind = ckpt.load_checkpoint(run_dir, which="last").kind  # before the training state: an ensemble has none
+        if kind != "language-model":
+            command = ckpt.RESUME_COMMANDS.get(kind)
+            raise CharnnError(f"{run_dir} is a {kind} run, not a language model; "
+                              + (f"resume it with {command} --resume {run_dir}" if command else "charnn train resumes "
+                                 "only language-model runs"))
         source = ckpt.load_checkpoint(run_dir, which="last", with_train_state=True)
         cfg = TrainConfig.from_dict(source.config["training"])
         if "average_last" not in source.config["training"]:

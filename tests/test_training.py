@@ -376,3 +376,157 @@ def test_train_json_prints_one_object(small_corpus, tmp_path):
     report = json.loads(result.stdout)
     assert report["steps"] == 6 and report["stop_reason"] == "max-steps"
     assert report["run_dir"] == str(tmp_path / "run") and report["best_val_bpc"] > 0
+
+
+# -- checkpoint safety, and classifier runs met by the shared commands --------------------------------------------
+@pytest.fixture(scope="module")
+def clf_runs(tmp_path_factory):
+    """A classifier run and a two-member ensemble run, trained in seconds through the CLI; and their data."""
+    import random
+
+    rng = random.Random(0)
+    rows = ["text\tlabel"]
+    for _ in range(100):
+        body = "".join(rng.choice("abc") for _ in range(rng.randint(3, 8)))
+        rows += [f"x{body}y\txy", f"y{body}x\tyx"]
+    root = tmp_path_factory.mktemp("clf")
+    data = root / "data.tsv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    common = ["classify", "train", data, "--hidden", "16", "--embed-dim", "8", "--batch-size", "16", "--max-epochs",
+              "2", "--device", "cpu", "-q"]
+    for name, extra in (("single", []), ("ensemble", ["--ensemble", "2"])):
+        result = run_cli(*common, "--out", root / name, *extra)
+        assert result.exit_code == 0, result.output
+    return root / "single", root / "ensemble", data
+
+
+def test_saving_a_checkpoint_replaces_only_a_checkpoint(tiny_run, clf_runs, tmp_path):
+    import shutil
+
+    from charnn.classify import TextClassifier
+
+    single, ensemble, _ = clf_runs
+    clf = TextClassifier.load(single)
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me too")
+    run = tmp_path / "run"
+    shutil.copytree(ensemble, run)
+    run_files = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    extra = tmp_path / "extra"
+    shutil.copytree(single / "best", extra)
+    (extra / "README").write_text("mine")
+    for target, fragment in ((folder, "already holds other files"), (afile, "is a file"), (run, "already holds other"),
+                             (extra, "already holds other files")):
+        with pytest.raises(CharnnError, match=fragment):
+            clf.save(target)
+    assert (folder / "notes.txt").read_text() == "keep me" and (folder / "sub").is_dir()
+    assert afile.read_text() == "keep me too"
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == run_files
+    assert (extra / "README").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary copies left behind
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "new" / "model", tmp_path / "new" / "model"):  # the last: a rewrite
+        clf.save(target)
+        assert TextClassifier.load(target).predict(["xaby"]).tolist() == clf.predict(["xaby"]).tolist()
+    # the trainer's own rewrite of RUN/last (a checkpoint directory) still works
+    copy = tmp_path / "lm"
+    shutil.copytree(tiny_run, copy)
+    model, ck = load_language_model(copy, which="last")
+    ckpt.save_checkpoint(copy / "last", model=model, vocab=ck.vocab, config=ck.config)
+    load_language_model(copy, which="last")
+
+
+def test_out_that_is_a_file_or_another_run_is_a_clear_error(tiny_run, clf_runs, small_corpus, tmp_path):
+    single, ensemble, data = clf_runs
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert_clear_error(run_cli("train", small_corpus, "--out", afile), f"{afile} is a file, not a run directory")
+    assert_clear_error(run_cli("classify", "train", data, "--out", afile), "choose another --out")
+    assert afile.read_text() == "mine"
+    # the resume advice names the command that made the run in --out
+    assert_clear_error(run_cli("classify", "train", data, "--out", tiny_run), f"charnn train --resume {tiny_run}")
+    for run in (single, ensemble):
+        assert_clear_error(run_cli("train", small_corpus, "--out", run), f"charnn classify train --resume {run}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    result = run_cli("train", small_corpus, "--out", tmp_path / "other")
+    assert_clear_error(result, "choose another --out")
+    assert "--resume" not in result.output
+
+
+def test_train_resume_of_a_classifier_run_points_to_classify(clf_runs):
+    single, ensemble, _ = clf_runs
+    for run in (single, ensemble):
+        assert_clear_error(run_cli("train", "--resume", run), f"resume it with charnn classify train --resume {run}")
+
+
+def test_missing_checkpoint_message_names_no_command(tmp_path):
+    for args in (("classify", "predict", tmp_path / "nonexist", "text"), ("info", tmp_path / "nonexist")):
+        result = run_cli(*args)
+        assert_clear_error(result, "not found; pass a run directory or a checkpoint directory")
+        assert "charnn train" not in result.output
+
+
+def test_info_describes_a_classifier(clf_runs):
+    single, ensemble, _ = clf_runs
+    result = run_cli("info", single)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for fragment in ("classifier: 2 classes, single-label: 'xy', 'yx'", "unidirectional, concat pooling",
+                     "truncation: head (a text longer than 1,000 characters keeps its head)",
+                     "language model: none", "weight decay 0.0", "validation history (step: macro-F1): "):
+        assert fragment in text, text
+    assert "None" not in text
+    report = json.loads(run_cli("info", single, "--json").output)
+    assert report["classifier"]["classes"] == ["xy", "yx"] and report["classifier"]["pooling"] == "concat"
+    evaluations = report["history"]["evaluations"]
+    assert evaluations and all(0 <= e["val_macro_f1"] <= 1 and "val_accuracy" in e for e in evaluations)
+    text = run_cli("info", ensemble).output
+    assert "epochs (all members): 4.0" in text and "steps (all members):" in text and "\nepoch:" not in text
+    assert json.loads(run_cli("info", ensemble, "--json").output)["classifier"]["members"] == 2
+
+
+def test_info_refuses_a_damaged_weights_file(tiny_run, tmp_path):
+    import shutil
+
+    for cut in (lambda b: b[: len(b) // 2], lambda b: b[:-1], lambda b: b + b"\0"):
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(tiny_run, broken)
+        weights = broken / "best" / "model.safetensors"
+        weights.write_bytes(cut(weights.read_bytes()))
+        assert_clear_error(run_cli("info", broken), "model.safetensors is damaged")
+        assert_clear_error(run_cli("info", broken, "--json"), "model.safetensors is damaged")
+
+
+def saved_figures(monkeypatch) -> list:
+    from matplotlib.figure import Figure
+
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), savefig(self, *a, **k))[1])
+    return figures
+
+
+def test_plot_of_a_classifier_shows_its_loss_in_nats_and_its_macro_f1(clf_runs, tiny_run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
+    figures = saved_figures(monkeypatch)
+    single, ensemble, _ = clf_runs
+    for run, lines in ((single, 1), (ensemble, 2)):
+        out = tmp_path / f"{run.name}.png"
+        result = run_cli("plot", run, "-o", out)
+        assert result.exit_code == 0, result.output
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        labels = {ax.get_ylabel(): len(ax.get_lines()) for ax in figures[-1].axes}
+        assert labels == {"training loss (cross-entropy, nats)": lines, "validation macro-F1": lines}, labels
+    assert run_cli("plot", tiny_run, "-o", tmp_path / "lm.png").exit_code == 0
+    assert [ax.get_ylabel() for ax in figures[-1].axes] == ["bits per character"]
+
+
+def test_usage_errors_are_one_line_like_the_others(tiny_run):
+    assert_clear_error(run_cli("train", "--bogus"), "no such option '--bogus'")
+    assert_clear_error(run_cli("train", "x.txt", "--cell", "cnn"), "invalid value for '--cell'")
+    assert_clear_error(run_cli("classify", "predict"), "missing argument 'CHECKPOINT'")
+    assert_clear_error(run_cli("info", tiny_run, "extra"), "info --help')")  # CliRunner names the program main

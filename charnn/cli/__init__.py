@@ -13,8 +13,31 @@ import click
 from ..errors import CharnnError
 
 
+class OneLineUsageError(click.UsageError):
+    """A click usage error (unknown option, bad value, missing argument) shown like charnn's own errors:
+    one ``error: ...`` line naming the problem and where the help is (click's own shows three lines and "Error:")."""
+
+    def show(self, file=None) -> None:
+        message = self.format_message()
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"error: {message[:1].lower()}{message[1:]}{hint}", err=True, file=file)
+
+
+def _one_line(e: click.UsageError) -> click.UsageError:
+    if isinstance(e, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+        return e  # already converted, or a bare group name that shows its help
+    return OneLineUsageError(e.format_message(), e.ctx)
+
+
 class CharnnGroup(click.Group):
-    """Click group that turns CharnnError into ``error: ...`` and an exit code."""
+    """Click group that turns CharnnError into ``error: ...`` and an exit code, and click's usage errors
+    into the same one-line form (exit code 2)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
     def invoke(self, ctx):
         try:
@@ -22,6 +45,8 @@ class CharnnGroup(click.Group):
         except CharnnError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
 
 @click.group(cls=CharnnGroup, context_settings={"help_option_names": ["-h", "--help"]})

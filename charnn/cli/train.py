@@ -176,16 +176,23 @@ def eval_cmd(checkpoint, files, encoding, glob, last, device, as_json):
 def info_cmd(checkpoint, last, as_json):
     """Configuration, size, vocabulary and training history of a checkpoint."""
     from .. import checkpoint as ckpt
+    from ..training import default_weight_decay
 
     ck = ckpt.load_checkpoint(checkpoint, which="last" if last else "best")
+    ck.check_weights()  # the header only: a truncated or overwritten weights file is an error, not a success
+    classifier = ck.config.get("classifier") if ck.kind == "classifier" else None
     history = ckpt.read_metrics(ck.path.parent)
-    vals = [r for r in history if "val_bpc" in r]
+    score, keys = ("val_macro_f1", ("step", "epoch", "val_loss", "val_accuracy", "val_macro_f1", "elapsed")) \
+        if classifier is not None else ("val_bpc", ("step", "epoch", "val_bpc", "elapsed"))
+    vals = [r for r in history if score in r]
     report = {
         "path": str(ck.path), "kind": ck.kind, "charnn_version": ck.config.get("charnn_version"),
         "model": ck.config.get("model"), "training": ck.config.get("training"), "summary": ck.config.get("summary"),
         "vocabulary": {"size": len(ck.vocab), "chars": "".join(ck.vocab.chars[1:])},
-        "history": {"records": len(history), "evaluations": [{k: r[k] for k in ("step", "epoch", "val_bpc", "elapsed") if k in r} for r in vals]},
+        "history": {"records": len(history), "evaluations": [{k: r[k] for k in keys if k in r} for r in vals]},
     }
+    if classifier is not None:
+        report["classifier"] = classifier
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False))
         return
@@ -194,21 +201,51 @@ def info_cmd(checkpoint, last, as_json):
     if m:
         click.echo(f"model: {m.get('layers')}x{m.get('hidden')} {str(m.get('cell')).upper()}, embed {m.get('embed_dim') or 'one-hot'}, "
                    f"dropout {m.get('dropout')}, {s.get('parameters', '?'):,} parameters")
+    if classifier is not None:
+        for line in _classifier_lines(classifier):
+            click.echo(line)
     click.echo(f"vocabulary: {len(ck.vocab)} symbols: {''.join(ck.vocab.chars[1:])!r}")
+    members = s.get("members")
     for key in ("step", "epoch", "train_chars", "val_bpc", "best_val_bpc", "device", "precision", "elapsed"):
         if key in s:
-            click.echo(f"{key}: {s[key]}")
+            # an ensemble's steps, epochs and seconds are its members' added up
+            label = {"step": "steps", "epoch": "epochs"}.get(key, key) + " (all members)" \
+                if members and key in ("step", "epoch", "elapsed") else key
+            click.echo(f"{label}: {s[key]}")
     if isinstance(s.get("best"), dict) and "val_macro_f1" in s["best"]:
         click.echo(f"best validation: macro-F1 {s['best']['val_macro_f1']}, accuracy {s['best'].get('val_accuracy')}")
-    if s.get("members"):
-        click.echo(f"ensemble: {len(s['members'])} members, mean probability; "
-                   + ", ".join(f"seed {m['seed']} macro-F1 {m['best_val_f1']}" for m in s["members"]))
+    if members:
+        click.echo(f"ensemble: {len(members)} members, mean probability; "
+                   + ", ".join(f"seed {m['seed']} macro-F1 {m['best_val_f1']}" for m in members))
     t = ck.config.get("training", {})
     if t.get("optimizer"):
-        click.echo(f"optimizer: {t['optimizer']} lr {t.get('lr')}, weight decay {s.get('weight_decay', t.get('weight_decay'))}"
+        decay = s.get("weight_decay", t.get("weight_decay"))
+        if decay is None:  # not set: the optimizer's own default was used
+            decay = default_weight_decay(t["optimizer"])
+        click.echo(f"optimizer: {t['optimizer']} lr {t.get('lr')}, weight decay {decay}"
                    + (f" (ramp over {t['weight_decay_ramp']} planned epochs)" if t.get("weight_decay_ramp") else ""))
-    if vals:
+    if vals and classifier is not None:
+        click.echo("validation history (step: macro-F1): "
+                   + ", ".join(f"{r['step']}: {r['val_macro_f1']:.3f}" for r in vals[-12:]))
+    elif vals:
         click.echo("validation history (step: bpc): " + ", ".join(f"{r['step']}: {r['val_bpc']:.3f}" for r in vals[-12:]))
+
+
+def _classifier_lines(c: dict) -> list[str]:
+    """What ``charnn info`` says of a classifier's settings (its config's ``classifier`` section)."""
+    classes = c.get("classes") or []
+    shown = ", ".join(repr(x) for x in classes[:20]) + (f", ... ({len(classes) - 20} more)" if len(classes) > 20 else "")
+    kind = "multi-label" if c.get("multi_label") else "single-label"
+    direction = "bidirectional" if c.get("bidirectional") else "unidirectional"
+    cut, part = c.get("max_chars"), {"both": "head and tail"}.get(c.get("truncation"), c.get("truncation"))
+    keeps = (f"truncation: {c.get('truncation')} (a text longer than {cut:,} characters keeps its {part})" if cut
+             else "truncation: none (texts are never cut)")
+    return [
+        f"classifier: {len(classes)} classes, {kind}: {shown}",
+        f"encoder: {direction}, {c.get('pooling')} pooling, head dropout {c.get('head_dropout')}",
+        keeps,
+        f"language model: {c['init_from'] if c.get('init_from') else 'none (the encoder was trained from scratch)'}",
+    ]
 
 
 @main.command("plot")
