@@ -182,9 +182,8 @@ def _check_replaceable(target: Path) -> None:
 def _swap_into_place(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``; at every instant one complete copy exists on disk.
 
-    ``target``, if it exists, is deleted: the caller has checked it is a checkpoint directory or empty.
+    ``target``, if it exists, is deleted: :func:`save_checkpoint` has checked it is a checkpoint directory or empty.
     """
-    _check_replaceable(target)
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

@@ -773,8 +773,8 @@ class ClassifyConfig:
 class ClassifierInterrupted(TrainingInterrupted):
     """Raised after Ctrl-C or SIGTERM once a resumable checkpoint is written."""
 
-    def __init__(self, run_dir: Path, signum: int):
-        super().__init__(run_dir, signum)
+    def __init__(self, run_dir: Path, signum: int, checkpoint: Path | None = None):
+        super().__init__(run_dir, signum, checkpoint)
         self.args = (f"training interrupted; resume with: charnn classify train --resume {run_dir}",)
 
 
@@ -1294,7 +1294,7 @@ class EnsembleTrainer:
             try:
                 result = self.current.fit()
             except ClassifierInterrupted as e:
-                raise ClassifierInterrupted(self.run_dir, e.signum) from None
+                raise ClassifierInterrupted(self.run_dir, e.signum, e.checkpoint) from None
             self.nets.append(self.current.net)
             self.finished.append({"member": i + 1, "seed": self.current.cfg.init_seed, **result.to_dict()})
             if self.run_dir:

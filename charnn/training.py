@@ -108,9 +108,10 @@ class TrainConfig:
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C or SIGTERM once a resumable checkpoint is written."""
 
-    def __init__(self, run_dir: Path, signum: int):
+    def __init__(self, run_dir: Path, signum: int, checkpoint: Path | None = None):
         super().__init__(f"training interrupted; resume with: charnn train --resume {run_dir}")
         self.run_dir, self.signum = run_dir, signum
+        self.checkpoint = checkpoint or Path(run_dir) / "last"  # the resumable checkpoint just written
 
     @property
     def exit_code(self) -> int:

@@ -429,8 +429,9 @@ def test_ensemble_run_round_trips_and_resumes_after_an_interrupt(order_data, tmp
 
     cut = EnsembleTrainer.from_files(ClassifyConfig(**{**cfg, "log_every": 1}, out=str(tmp_path / "cut")), data,
                                      on_log=interrupt)
-    with pytest.raises(ClassifierInterrupted, match=f"--resume {tmp_path / 'cut'}"):
+    with pytest.raises(ClassifierInterrupted, match=f"--resume {tmp_path / 'cut'}") as stopped:
         cut.fit()
+    assert stopped.value.checkpoint == tmp_path / "cut" / "member-2" / "last"  # what the CLI reports as saved
     assert json.loads((tmp_path / "cut" / "ensemble.json").read_text())["members"][0]["member"] == 1
     assert not (tmp_path / "cut" / "best").exists()
     resumed, resume = [], ClassifierTrainer.resume.__func__

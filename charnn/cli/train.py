@@ -37,7 +37,7 @@ def fit_or_exit(trainer, command: str):
     try:
         result = trainer.fit()
     except TrainingInterrupted as e:
-        _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.run_dir}/last")
+        _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.checkpoint}")
         _echo(f"resume with: {command} --resume {e.run_dir}")
         sys.exit(e.exit_code)
     if result.stop_reason == "diverged":
