@@ -19,9 +19,11 @@ and shared by all requests; the completer is thread-safe.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import weakref
@@ -331,10 +333,94 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", **app_options) -> None:
-    """Run the application with uvicorn until interrupted."""
+def bind_sockets(host: str = "127.0.0.1", port: int = 8000, *, host_name: str = "host",
+                 port_name: str = "port") -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, at ``port`` (0: a free one).
+
+    Bound and listening at once, so the port is ours from here on (connections
+    made while the model loads wait in the backlog) and a port that is taken
+    fails now, with a :class:`CharnnError` naming the fix, not after the server
+    has announced itself. ``host_name`` and ``port_name`` are what the message
+    calls the settings (the CLI passes ``--host`` and ``--port``).
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise CharnnError(f"cannot listen on {host}: it does not resolve ({reason}); "
+                          f"pass another {host_name}, e.g. 127.0.0.1") from None
+    sockets: list[socket.socket] = []
+    seen, skipped = set(), None
+    for family, kind, proto, _, address in infos:
+        if (family, address[:2]) in seen:
+            continue
+        seen.add((family, address[:2]))
+        if sockets:  # --port 0: every address gets the port the first one was given
+            address = (address[0], sockets[0].getsockname()[1], *address[2:])
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and asyncio do
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen()
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRNOTAVAIL:  # this family is not configured here (asyncio skips it too)
+                skipped = e
+                continue
+            for s in sockets:
+                s.close()
+            raise _bind_error(e, host, port, host_name, port_name) from None
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    if not sockets:
+        raise _bind_error(skipped or OSError(errno.EADDRNOTAVAIL, "no address"), host, port, host_name, port_name)
+    return sockets
+
+
+def _bind_error(e: OSError, host: str, port: int, host_name: str, port_name: str) -> CharnnError:
+    if e.errno == errno.EADDRINUSE:
+        return CharnnError(f"port {port} on {host} is in use; pass another {port_name} (or stop what is using it)")
+    if e.errno == errno.EACCES:
+        return CharnnError(f"port {port} on {host} is not allowed for this user (ports below 1024 usually need "
+                           f"privileges); pass another {port_name}, e.g. 8000")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return CharnnError(f"cannot listen on {host}: it is not an address of this machine; "
+                           f"pass another {host_name}, e.g. 127.0.0.1")
+    return CharnnError(f"cannot listen on port {port} of {host} ({e.strerror or e}); "
+                       f"pass another {port_name} or {host_name}")
+
+
+def url(sockets: list[socket.socket], host: str) -> str:
+    """The address a browser can use for the server listening on ``sockets`` (bound for ``host``)."""
+    shown = host or "0.0.0.0"
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return f"http://{shown}:{sockets[0].getsockname()[1]}/"
+
+
+def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          sockets: list[socket.socket] | None = None, **app_options) -> None:
+    """Run the application with uvicorn until interrupted.
+
+    The port is bound (see :func:`bind_sockets`) before the model is loaded, so a
+    taken port raises :class:`CharnnError` at once; ``sockets`` from
+    :func:`bind_sockets` serve instead of ``host`` and ``port``.
+    """
     _require_fastapi()
     import uvicorn  # noqa: PLC0415
 
-    app = create_app(model, **app_options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    own = sockets is None
+    sockets = bind_sockets(host, port) if own else sockets
+    try:
+        app = create_app(model, **app_options)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        try:
+            server.run(sockets=sockets)  # uvicorn serves on these and binds nothing itself
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after shutting down
+            pass
+    finally:
+        if own:
+            for sock in sockets:
+                sock.close()

@@ -305,3 +305,56 @@ def test_generations_beyond_the_limit_get_503_while_completions_go_on(tiny_run):
     streamed = client.post("/v1/generate/stream", json={"seed": "a", "length": 5})
     assert streamed.status_code == 200 and "event: end" in streamed.text
     assert client.post("/v1/generate", json={"seed": "a", "length": 5}).status_code == 200  # the stream gave its slot back
+
+
+# -- binding the port ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_port():
+    """A port on 127.0.0.1 that another socket is listening on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_serve_command_on_a_busy_port_is_one_error_line_before_any_announcement(tiny_run, busy_port):
+    from click.testing import CliRunner
+
+    from charnn.cli import main
+
+    result = CliRunner().invoke(main, ["serve", str(tiny_run), "--port", str(busy_port), "--log-level", "warning"])
+    assert result.exit_code == 2, result.output
+    assert result.output == f"error: port {busy_port} on 127.0.0.1 is in use; pass another --port (or stop what is using it)\n"
+
+
+def test_serve_function_on_a_busy_port_raises_before_loading_and_names_the_argument(busy_port):
+    from charnn.errors import CharnnError
+    from charnn.serving import serve
+
+    with pytest.raises(CharnnError, match=f"port {busy_port} on 127.0.0.1 is in use; pass another port ") as e:
+        serve("no-such-checkpoint", port=busy_port)  # the port is checked first: the missing checkpoint is not reached
+    assert "--port" not in str(e.value)
+
+
+def test_bind_sockets_listens_at_once_and_resolves_port_zero():
+    import socket
+
+    from charnn.errors import CharnnError
+    from charnn.serving import bind_sockets, url
+
+    sockets = bind_sockets("127.0.0.1", 0)
+    try:
+        port = sockets[0].getsockname()[1]
+        assert port and url(sockets, "127.0.0.1") == f"http://127.0.0.1:{port}/"
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening before uvicorn starts
+        with pytest.raises(CharnnError, match="is in use; pass another --port"):
+            bind_sockets("127.0.0.1", port, port_name="--port")
+    finally:
+        for s in sockets:
+            s.close()
+    with pytest.raises(CharnnError, match="does not resolve.*pass another --host"):
+        bind_sockets("no-such-host.invalid", 0, host_name="--host")

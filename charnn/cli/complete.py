@@ -138,14 +138,22 @@ def serve_cmd(checkpoint, host, port, max_text_chars, max_generate_chars, max_ge
       curl -s localhost:8000/v1/complete -d '{"text": "To be or", "k": 3}' -H 'content-type: application/json'
     """
     from ..lm import load
-    from ..serving import LOOPBACK, serve
+    from ..serving import LOOPBACK, _require_fastapi, bind_sockets, serve, url
 
-    if host not in LOOPBACK:
-        click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the model", err=True)
-    model = load(checkpoint, device=device)
-    click.echo(f"serving on http://{host}:{port}/ (API docs at /docs); Ctrl-C stops", err=True)
-    serve(model, host=host, port=port, log_level=log_level, max_text_chars=max_text_chars,
-          max_generate_chars=max_generate_chars, max_generations=max_generations)
+    _require_fastapi()
+    # Bound (and listening) before anything is announced or loaded: a taken port is one error line, and no
+    # other process can take the port between this check and uvicorn starting.
+    sockets = bind_sockets(host, port, host_name="--host", port_name="--port")
+    try:
+        if host not in LOOPBACK:
+            click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the model", err=True)
+        model = load(checkpoint, device=device)
+        click.echo(f"serving on {url(sockets, host)} (API docs at /docs); Ctrl-C stops", err=True)
+        serve(model, host=host, port=port, log_level=log_level, sockets=sockets, max_text_chars=max_text_chars,
+              max_generate_chars=max_generate_chars, max_generations=max_generations)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @main.command("eval-complete")
