@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -76,9 +77,32 @@ def _plot_classifier(run_dir: Path, output: str | Path | None) -> Path:
 
 
 def _save(plt, fig, run_dir: Path, output: str | Path | None) -> Path:
-    out = Path(output) if output else run_dir / "curves.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    return save_figure(plt, fig, Path(output) if output else run_dir / "curves.png")
+
+
+def save_figure(plt, fig, out: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``out`` atomically (a temporary file beside it, then a rename) and close it.
+
+    Missing parent directories are created, as ``charnn corpus build -o`` does; a directory as ``out``,
+    a parent that cannot be created and an unwritable place are a :class:`CharnnError`, with nothing written.
+    """
+    out = Path(out)
+    try:
+        if out.is_dir():
+            raise CharnnError(f"{out} is a directory; give a file name for the PNG, e.g. {out / 'curves.png'}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CharnnError(f"cannot create directory {out.parent} ({e.strerror or e}); "
+                              "give a PNG path in a directory you can write") from None
+        tmp = out.with_name(f".{out.name}.tmp.png")
+        try:
+            fig.savefig(tmp)
+            tmp.replace(out)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CharnnError(f"cannot write {out} ({e.strerror or e}); give a PNG path you can write") from None
+    finally:
+        plt.close(fig)
     return out

@@ -1,0 +1,43 @@
+"""`charnn plot`'s output file: missing folders are made, a folder or an impossible path is a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from charnn.cli import main
+
+pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def plot(*args):
+    return CliRunner().invoke(main, ["plot", *map(str, args)])
+
+
+def test_plot_creates_missing_parent_directories(tiny_run, tmp_path):
+    out = tmp_path / "new" / "deeper" / "x.png"
+    result = plot(tiny_run, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == PNG
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.png"]  # no temporary file left beside it
+
+
+def test_plot_to_a_directory_is_a_one_line_error(tiny_run, tmp_path):
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    result = plot(tiny_run, "-o", folder)
+    assert result.exit_code == 2
+    assert result.output == f"error: {folder} is a directory; give a file name for the PNG, e.g. {folder / 'curves.png'}\n"
+    assert not any(folder.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
+
+
+def test_plot_under_a_file_is_a_one_line_error(tiny_run, tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me", encoding="utf-8")
+    result = plot(tiny_run, "-o", blocker / "x.png")
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: cannot create directory {blocker} (") and result.output.count("\n") == 1
+    assert "give a PNG path in a directory you can write" in result.output
+    assert blocker.read_text(encoding="utf-8") == "keep me"
