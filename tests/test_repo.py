@@ -22,3 +22,22 @@ def test_torch_requirement_admits_the_local_cpu_build():
     text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     spec = re.search(r'"torch([^"]*)"', text).group(1)
     assert spec.startswith(">=2.") and "<3" in spec, spec
+
+
+def test_readme_glob_examples_reach_subfolders(tmp_path):
+    """Every `charnn train DIR --glob 'PATTERN'` in the README's examples reads the matching files at any depth,
+    as a corpus folder's subfolders are part of the corpus (pathlib's `*.md` would skip notes/sub/b.md)."""
+    from charnn.data import resolve_files
+
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    patterns = [m for block in blocks for line in block.splitlines() if "charnn train" in line
+                for m in re.findall(r"--glob '([^']+)'", line)]
+    assert patterns, "the README no longer shows --glob"
+    for i, pattern in enumerate(patterns):
+        root = tmp_path / str(i)
+        name = pattern.rsplit("/", 1)[-1].replace("*", "b")
+        top, nested = root / name, root / "sub" / "deeper" / name
+        for f in (top, nested, root / "sub" / "other.bin"):
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("x", encoding="utf-8")
+        assert resolve_files([root], pattern) == [top, nested], pattern
