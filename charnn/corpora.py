@@ -54,6 +54,7 @@ from .errors import CharnnError
 __all__ = [
     "CATALOGUE",
     "CorpusEntry",
+    "OutputExistsError",
     "build_corpus",
     "cache_dir",
     "corpus_text",
@@ -447,6 +448,17 @@ def corpus_text(name: str, *, progress: bool = True, max_chars: int | None = Non
     return text
 
 
+class OutputExistsError(CharnnError):
+    """:func:`build_corpus` was asked to write over an existing file without ``overwrite=True``.
+
+    ``path`` is that file; the message names the Python argument (the CLI words it as ``--force``).
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} already exists; pass overwrite=True to replace it")
+        self.path = path
+
+
 def _write_atomically(text: str, out_path: Path, overwrite: bool) -> None:
     parent = out_path.parent
     tmp_name = None
@@ -457,10 +469,8 @@ def _write_atomically(text: str, out_path: Path, overwrite: bool) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_name, 0o666 & ~umask)
-        if not overwrite and out_path.exists():
-            raise CharnnError(
-                f"{out_path} already exists; pass --force (overwrite=True) to replace it"
-            )
+        if not overwrite and out_path.exists():  # it appeared while the corpus was being built
+            raise OutputExistsError(out_path)
         os.replace(tmp_name, out_path)
         tmp_name = None
     except OSError as e:
@@ -496,7 +506,7 @@ def build_corpus(
 
     Raises:
         CharnnError: unknown name (the message lists the known names), an
-            existing output without ``overwrite``, a bad ``max_chars``, a failed
+            existing output without ``overwrite`` (:class:`OutputExistsError`), a bad ``max_chars``, a failed
             download, or an unwritable output.
     """
     out_path = Path(out_path)
@@ -505,7 +515,7 @@ def build_corpus(
     if out_path.is_dir():
         raise CharnnError(f"{out_path} is a directory; give a file name for the corpus")
     if out_path.exists() and not overwrite:
-        raise CharnnError(f"{out_path} already exists; pass --force (overwrite=True) to replace it")
+        raise OutputExistsError(out_path)
     text = corpus_text(name, progress=progress, max_chars=max_chars)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)

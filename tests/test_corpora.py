@@ -168,8 +168,9 @@ def test_max_chars_caps_output(tmp_path):
 def test_refuses_to_overwrite_without_flag(tmp_path):
     out = tmp_path / "out.txt"
     out.write_text("keep me\n")
-    with pytest.raises(CharnnError, match="already exists"):
+    with pytest.raises(CharnnError) as e:
         build_corpus("python-stdlib", out, max_chars=100)
+    assert str(e.value) == f"{out} already exists; pass overwrite=True to replace it"  # the API's word, not the CLI's
     assert read(out) == "keep me\n"
     build_corpus("python-stdlib", out, max_chars=100, overwrite=True)
     assert len(read(out)) == 100
@@ -240,11 +241,26 @@ def test_cli_existing_output_needs_force(tmp_path):
     out.write_text("old\n")
     r = invoke("corpus", "build", "python-stdlib", "-o", str(out), "--max-chars", "300")
     assert r.exit_code == 2
-    assert r.output.startswith("error: ") and "--force" in r.output
+    assert r.output == f"error: {out} already exists; pass --force to replace it\n"  # the CLI's word only
     assert read(out) == "old\n"
     r = invoke("corpus", "build", "python-stdlib", "-o", str(out), "--max-chars", "300", "--force")
     assert r.exit_code == 0, r.output
     assert len(read(out)) == 300
+
+
+def test_cli_output_appearing_during_the_build_still_names_force(tmp_path, monkeypatch):
+    out = tmp_path / "x.txt"
+    real = corpora.corpus_text
+
+    def meanwhile(*args, **kwargs):
+        out.write_text("written meanwhile\n", encoding="utf-8")  # caught by the check before the final rename
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(corpora, "corpus_text", meanwhile)
+    r = invoke("corpus", "build", "python-stdlib", "-o", str(out), "--max-chars", "300")
+    assert r.exit_code == 2
+    assert r.output == f"error: {out} already exists; pass --force to replace it\n"
+    assert read(out) == "written meanwhile\n" and leftovers(tmp_path) == []
 
 
 def test_cli_bad_max_chars(tmp_path):

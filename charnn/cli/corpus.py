@@ -61,9 +61,13 @@ def build_cmd(name: str, output: str, force: bool, max_chars: int | None, as_jso
 
     See `charnn corpus list` for the names.
     """
-    from ..corpora import build_corpus, text_stats
+    from ..corpora import OutputExistsError, build_corpus, text_stats
+    from ..errors import CharnnError
 
-    path = build_corpus(name, output, progress=not as_json, max_chars=max_chars, overwrite=force)
+    try:
+        path = build_corpus(name, output, progress=not as_json, max_chars=max_chars, overwrite=force)
+    except OutputExistsError as e:  # the library names its argument, overwrite=True; here it is --force
+        raise CharnnError(f"{e.path} already exists; pass --force to replace it") from None
     stats = text_stats(path)
     if as_json:
         click.echo(json.dumps({"corpus": name, "path": str(path), "chars": stats["chars"],
