@@ -13,7 +13,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` prefers CUDA, then Apple's MPS, then the CPU."""
-    name = (name or "auto").lower()
+    asked = (name or "auto").strip()
+    name = asked.lower()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -23,11 +24,14 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise CharnnError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
+        raise CharnnError(f"unknown device {asked!r}; use auto, cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CharnnError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+        raise CharnnError(f"--device {asked} was asked for but CUDA is not available; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        have = "one CUDA device, cuda:0" if count == 1 else f"{count} CUDA devices, cuda:0 to cuda:{count - 1}"
+        raise CharnnError(f"--device {asked} was asked for but this machine has {have}; use one of those, or cuda")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CharnnError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+        raise CharnnError(f"--device {asked} was asked for but MPS is not available; use --device cpu or auto")
     return device
 
 
