@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import time
 
+from .errors import CharnnError
+
 
 def budget_progress(cfg, step: int, epochs: float, elapsed: float) -> float:
     """Fraction of a budget used (any config with max_steps, max_epochs, time_budget): the largest part."""
@@ -56,6 +58,12 @@ class BudgetClock:
     def _budget_spent(self) -> str | None:
         return budget_spent(self.cfg, self.step, self._epoch_progress(), self._elapsed())
 
+    def why_finished(self) -> str | None:
+        """Why the run has nothing left to train (its budget is spent, or ``early-stopping``), or None."""
+        if self.cfg.patience and self.bad_evals >= self.cfg.patience:
+            return "early-stopping"
+        return self._budget_spent()
+
 
 class BudgetBar:
     """tqdm bar over steps, or over seconds when the budget is a time limit; the caller supplies the postfix."""
@@ -84,3 +92,16 @@ class BudgetBar:
         c = self.clock
         self.bar.update((min(c._elapsed(), self.bar.total) if self.by_time else c.step) - self.bar.n)
         self.bar.set_postfix_str(f"{postfix}, ep {c._epoch_progress():.2f}", refresh=False)
+
+
+def check_resumable(trainer, run_dir) -> None:
+    """A run that already spent its budget, or stopped early, has nothing left to train: say so (for ``--resume``)."""
+    reason = trainer.why_finished()
+    if reason == "ensemble":
+        raise CharnnError(f"{run_dir} finished all its members; nothing is left to train")
+    if reason == "early-stopping":
+        raise CharnnError(f"{run_dir} stopped early ({trainer.bad_evals} evaluations without improvement), so its best "
+                          f"model is final; to train more, start a new run from it (--init-from)")
+    if reason:
+        raise CharnnError(f"{run_dir} already reached its budget ({reason} at step {trainer.step}); give a larger "
+                          "--max-steps, --max-epochs or --time to train on")

@@ -15,7 +15,9 @@ renamed into place, so a crash never leaves a half-written ``best`` or ``last``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -193,8 +195,21 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def append_metrics(run_dir: str | Path, record: dict) -> None:
+    """Append one record to the run's metrics (a number that is not finite is written as null: valid JSON)."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def discard_run_without_checkpoint(run_dir: str | Path) -> None:
+    """Remove a run directory that holds no checkpoint (only its metrics), so that a run which failed before
+    saving anything neither blocks its --out nor becomes the latest run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any(is_checkpoint_dir(run_dir / which) for which in ("best", "last")):
+        return
+    (run_dir / METRICS).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only when nothing else is left in it
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -615,7 +615,7 @@ def format_report(report: dict, max_matrix_classes: int = 30) -> str:
 
 def plot_confusion_matrix(report: dict, output: str | Path) -> Path:
     """Write the report's confusion matrix as a PNG (needs the 'plot' extra)."""
-    from .plotting import require_matplotlib
+    from .plotting import require_matplotlib, save_figure
 
     cm = report.get("confusion_matrix")
     if cm is None:
@@ -640,12 +640,7 @@ def plot_confusion_matrix(report: dict, output: str | Path) -> Path:
                             color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(plt, fig, output)
 
 
 # -- configuration ------------------------------------------------------------------------------------------
@@ -1025,7 +1020,7 @@ class ClassifierTrainer(BudgetClock):
         if cfg.freeze_encoder:
             return self._fit_probe()
         bar = BudgetBar(self, disable=cfg.quiet)
-        stop_reason = None
+        stop_reason = self.why_finished()  # a resumed run may have nothing left to train: no step past its end
         self.net.train()
         with StopSignals() as stop, bar:
             while stop_reason is None:
@@ -1041,8 +1036,10 @@ class ClassifierTrainer(BudgetClock):
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == len(batches):
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if not math.isfinite(loss):
+                    if not math.isfinite(loss):  # keep the checkpoints saved before, write none
+                        self._log({"train_loss": None, "diverged": True})
                         stop_reason = "diverged"
+                        break
                     if self.step % cfg.log_every == 0 or self.batch_in_epoch == 0:
                         self._log({"train_loss": round(loss, 5), "lr": lr, "trainable_groups": self.trainable_groups()})
                     stop_reason = stop_reason or self._budget_spent()
@@ -1057,6 +1054,8 @@ class ClassifierTrainer(BudgetClock):
                         raise KeyboardInterrupt
                     if stop_reason or self.batch_in_epoch == 0:
                         break
+        if stop_reason == "diverged" and self.run_dir:
+            ckpt.discard_run_without_checkpoint(self.run_dir)
         if self.best_state is not None:
             self.net.load_state_dict(self.best_state)
         return self._result(stop_reason)
@@ -1259,6 +1258,10 @@ class EnsembleTrainer:
     @property
     def step(self) -> int:
         return self.current.step
+
+    def why_finished(self) -> str | None:
+        """``"ensemble"`` once every member has finished (nothing is left to train), else None."""
+        return "ensemble" if len(self.nets) == self.cfg.ensemble else None
 
     def _member_dir(self, i: int) -> Path | None:
         return self.run_dir / f"member-{i + 1}" if self.run_dir else None

@@ -59,7 +59,8 @@ class ModelConfig:
             (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
             (self.activation in ACTIVATIONS, f"--activation must be tanh or relu, got {self.activation!r}"),
             (self.activation == "tanh" or self.cell == "rnn", "--activation relu applies to --cell rnn only"),
-            (self.gate_slope > 0, f"--gate-slope must be positive, got {self.gate_slope}"),
+            (self.gate_slope > 0 and math.isfinite(self.gate_slope), f"--gate-slope must be positive (and finite), got {self.gate_slope}"),
+            (math.isfinite(self.forget_bias), f"--forget-bias must be a finite number, got {self.forget_bias}"),
             (self.gate_slope == 1.0 or self.cell != "rnn", "--gate-slope applies to --cell lstm and gru (a plain RNN has no gates)"),
             (self.vocab_size >= 2, "the vocabulary is empty; the training text has no characters"),
         ]

@@ -14,7 +14,7 @@ import contextlib
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,8 @@ from .presets import recommend
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "plateau", "constant")
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name != "vocab_size")
+# settings a fine-tuned model may change: its regularisation (the rest is the architecture it was trained with)
+FINE_TUNE_FIELDS = ("dropout", "embed_dropout", "weight_drop")
 PACE_SKIP_STEPS = 10  # a session's first steps carry one-off start-up costs: the pace is timed after them
 DECAY_DECISION_STEPS = 50  # steps of a session after which a time budget's pace is known well enough
 
@@ -138,14 +140,17 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.seq_len >= 1, f"--seq-len must be at least 1, got {cfg.seq_len}"),
-        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {cfg.warmup_steps}"),
+        (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be 0 (off) or positive, got {cfg.weight_decay}"),
         (cfg.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {cfg.grad_clip}"),
         (cfg.grad_accum is not None and cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
         (cfg.min_char_count >= 1, f"--min-char-count must be at least 1, got {cfg.min_char_count}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be at least 1, got {cfg.max_steps}"),
         (cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs must be positive, got {cfg.max_epochs}"),
-        (cfg.time_budget is None or cfg.time_budget > 0, "--time must be positive"),
+        (cfg.time_budget is None or cfg.time_budget > 0, "--time must be positive, e.g. --time 90s or --time 10m"),
         (cfg.patience is None or cfg.patience >= 1, f"--patience must be at least 1, got {cfg.patience}"),
         (cfg.eval_every is None or cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
         (0 <= cfg.average_last < 1, f"--average-last must be in [0, 1), got {cfg.average_last}"),
@@ -158,9 +163,19 @@ def _validate(cfg: TrainConfig) -> None:
             raise CharnnError(message)
 
 
+def _refuse_architecture(given: dict, init_from: str) -> None:
+    """Fine-tuning keeps the model's architecture: options that would set another are an error, not ignored."""
+    fixed = [n for n in given if n not in FINE_TUNE_FIELDS]
+    if fixed:
+        flags = ", ".join("--" + n.replace("_", "-") for n in fixed)
+        raise CharnnError(f"{flags}: --init-from {init_from} keeps that model's architecture and initialised weights; "
+                          "drop these options (only --dropout, --embed-dropout and --weight-drop may change)")
+
+
 def _fill_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """Replace every ``None`` by the preset's or the device's recommended value."""
-    cfg.grad_accum = cfg.grad_accum or 1
+    if cfg.grad_accum is None:
+        cfg.grad_accum = 1
     rec = recommend(device, cfg.time_budget, cfg.preset)
     if cfg.weight_decay is None and cfg.optimizer not in (None, rec["optimizer"]):
         cfg.weight_decay = default_weight_decay(cfg.optimizer)  # the preset's decay belongs to the preset's optimizer
@@ -317,6 +332,9 @@ class Trainer(BudgetClock):
                  on_log: Callable[[dict], None] | None = None):
         self.dist = init_from_env(cfg.device)
         self.device = self.dist.device(cfg.device)
+        self.given = {n: getattr(cfg, n) for n in MODEL_FIELDS if getattr(cfg, n) is not None}  # before the presets
+        if cfg.init_from and not resume_from:
+            _refuse_architecture(self.given, cfg.init_from)
         self.cfg = cfg if resume_from else _fill_defaults(cfg, self.device)
         if resume_from:
             _fit_global_batch(self.cfg, resume_from.train_state, self.dist.world_size)
@@ -331,7 +349,9 @@ class Trainer(BudgetClock):
             self.cfg.corpus, glob=self.cfg.glob, encoding=self.cfg.encoding, val_fraction=self.cfg.val_fraction,
             min_char_count=self.cfg.min_char_count, vocab=vocab, progress=not self.cfg.quiet and self.dist.is_main,
         )
-        self.model_config = self._model_config(resume_from or init)
+        self.model_config = self._model_config(resume_from or init, fine_tuning=init is not None)
+        for name in MODEL_FIELDS:  # the run's settings say what it really used (fine-tuning keeps the architecture)
+            setattr(self.cfg, name, getattr(self.model_config, name))
         torch.manual_seed(self.cfg.seed)
         self.model = CharRNN(self.model_config).to(self.device)
         if init:
@@ -377,11 +397,14 @@ class Trainer(BudgetClock):
         return Path(chosen[0])
 
     # -- construction ---------------------------------------------------------------------------
-    def _model_config(self, source: ckpt.Checkpoint | None) -> ModelConfig:
+    def _model_config(self, source: ckpt.Checkpoint | None, fine_tuning: bool = False) -> ModelConfig:
         if source is not None:
             if source.kind != "language-model":
                 raise CharnnError(f"{source.path} is a {source.kind} checkpoint; --init-from needs a language model")
-            return ModelConfig.from_dict(source.config["model"])
+            config = ModelConfig.from_dict(source.config["model"])
+            if fine_tuning:  # a new run may regularise the model differently
+                config = replace(config, **{n: v for n, v in self.given.items() if n in FINE_TUNE_FIELDS})
+            return config
         values = {name: getattr(self.cfg, name) for name in MODEL_FIELDS}
         return ModelConfig(vocab_size=len(self.corpus.vocab), **values)
 
@@ -643,7 +666,7 @@ class Trainer(BudgetClock):
         self._session_start, self._pace_mark = self.step, (self._epoch_progress(), self._elapsed())
         eval_every = cfg.eval_every or max(self.steps_per_epoch, 1)
         bar = BudgetBar(self, disable=cfg.quiet or not self.dist.is_main)
-        stop_reason = None
+        stop_reason = self.why_finished()  # a resumed run may have nothing left to train: no step past its end
         self.model.train()
         with StopSignals() as stop, bar:
             while stop_reason is None:
@@ -673,6 +696,9 @@ class Trainer(BudgetClock):
                         self.average.update()
                     budget = self._budget_spent()
                     stop_reason = "diverged" if diverged else "time" if out_of_time else budget if budget != "time" else None
+                    if diverged:  # the weights are not finite: keep the checkpoints saved before, write none
+                        self._log({"diverged": True})
+                        break
                     if self.step % eval_every == 0 or self.batch_in_epoch == 0 or stop_reason:
                         stop_reason = self._evaluate_and_save(stop_reason)
                         bar.update(self._bar_text(loss, speed))
@@ -683,6 +709,8 @@ class Trainer(BudgetClock):
                         raise TrainingInterrupted(self.run_dir, signum)
                     if stop_reason or self.batch_in_epoch == 0:
                         break
+        if stop_reason == "diverged" and self.dist.is_main:
+            ckpt.discard_run_without_checkpoint(self.run_dir)
         return TrainResult(self.run_dir, self.step, self._epoch_progress(), self.best_val, self.last_val,
                            self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(), stop_reason,
                            self.weight_decay)
@@ -693,7 +721,7 @@ class Trainer(BudgetClock):
     def _evaluate_and_save(self, stop_reason: str | None) -> str | None:
         val = self.validate()
         self.last_val = val
-        improved = val is not None and (self.best_val is None or val < self.best_val)
+        improved = val is not None and math.isfinite(val) and (self.best_val is None or val < self.best_val)
         if val is not None:
             self.schedule.observe(val)
             self.bad_evals = 0 if improved else self.bad_evals + 1

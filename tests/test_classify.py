@@ -346,7 +346,7 @@ def test_save_and_load_give_identical_predictions(order_clf, order_data, tmp_pat
 def test_eval_writes_a_confusion_matrix_png(cli_run, tmp_path):
     pytest.importorskip("matplotlib")
     run, test_file, _ = cli_run
-    png = tmp_path / "cm.png"
+    png = tmp_path / "plots" / "cm.png"  # a missing folder is made, as for charnn plot -o
     out = CliRunner().invoke(main, ["classify", "eval", str(run), str(test_file), "--plot", str(png)])
     assert out.exit_code == 0, out.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -679,3 +679,39 @@ def test_classifier_weight_decay(order_data, options, decay):
     (texts, labels), _ = order_data
     trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "val_fraction": 0.0, **options}), texts[:32], labels[:32])
     assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {decay}
+
+
+def test_resuming_a_finished_run_changes_nothing(order_data, tmp_path):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "train.tsv", texts[:120], labels[:120])
+    args = ["classify", "train", str(data), "--hidden", "16", "--embed-dim", "8", "--max-epochs", "1", "--device", "cpu",
+            "--quiet"]
+    assert CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")]).exit_code == 0
+    assert CliRunner().invoke(main, [*args, "--ensemble", "2", "--out", str(tmp_path / "two")]).exit_code == 0
+    before = (tmp_path / "one" / "last" / "model.safetensors").read_bytes()
+    out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "one")])
+    assert out.exit_code == 2 and "already reached its budget (max-epochs" in out.output
+    assert (tmp_path / "one" / "last" / "model.safetensors").read_bytes() == before
+    out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "two")])
+    assert out.exit_code == 2 and "finished all its members" in out.output
+
+
+def test_a_diverged_classifier_keeps_its_last_finite_model(order_data, tmp_path, monkeypatch):
+    (texts, labels), _ = order_data
+    original = ClassifierTrainer.train_step
+
+    def blow_up(self, idx):  # the second epoch's first step goes non-finite
+        loss = original(self, idx)
+        if self.epoch == 1:
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p.fill_(float("nan"))
+            return float("nan")
+        return loss
+
+    monkeypatch.setattr(ClassifierTrainer, "train_step", blow_up)
+    clf = TextClassifier(**{**FAST, "max_epochs": 3, "out": str(tmp_path / "run")}).fit(texts[:100], labels[:100])
+    assert clf.result_.stop_reason == "diverged"
+    assert all(torch.isfinite(p).all() for p in clf.net_.parameters())
+    saved = TextClassifier.load(tmp_path / "run", which="last")
+    assert all(torch.isfinite(p).all() for p in saved.net_.parameters())

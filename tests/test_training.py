@@ -530,3 +530,77 @@ def test_usage_errors_are_one_line_like_the_others(tiny_run):
     assert_clear_error(run_cli("train", "x.txt", "--cell", "cnn"), "invalid value for '--cell'")
     assert_clear_error(run_cli("classify", "predict"), "missing argument 'CHECKPOINT'")
     assert_clear_error(run_cli("info", tiny_run, "extra"), "info --help')")  # CliRunner names the program main
+
+
+# -- divergence, fine-tuning and resuming refuse what they would get wrong ---------------------------------------
+def _diverge_at(step: int, monkeypatch):
+    """Make the run's loss and weights non-finite from ``step`` on, as a blow-up does."""
+    original = Trainer.train_step
+
+    def step_fn(self, x, y):
+        loss = original(self, x, y)
+        if self.step + 1 >= step:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+            return float("nan")
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_fn)
+
+
+def test_a_diverged_run_keeps_only_finite_checkpoints(small_corpus, tmp_path, monkeypatch):
+    _diverge_at(15, monkeypatch)
+    result = train(tiny_config(small_corpus, tmp_path / "run", max_steps=40))
+    assert result.stop_reason == "diverged" and result.steps == 15
+    for which in ("best", "last"):
+        model, ck = load_language_model(tmp_path / "run", which=which)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), which
+        assert ck.config["summary"]["step"] == 10  # the evaluation before the blow-up
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and '"diverged": true' in text  # valid JSON lines
+
+
+def test_a_run_that_diverges_before_saving_leaves_nothing(small_corpus, tmp_path, monkeypatch):
+    _diverge_at(3, monkeypatch)
+    out = run_cli("train", small_corpus, "--preset", "tiny", "--max-steps", "40", "--out", tmp_path / "run", "--quiet")
+    assert_clear_error(out, "training diverged (loss is not finite) at step 3")
+    assert "nothing was saved" in out.output and not (tmp_path / "run").exists()
+
+
+def test_non_finite_settings_are_refused(small_corpus, tmp_path):
+    cases = [("--lr", "inf", "--lr must be a positive number"), ("--forget-bias", "nan", "--forget-bias must be finite"),
+             ("--log-every", "0", "--log-every must be at least 1"), ("--momentum", "-1", "--momentum must be in [0, 1)"),
+             ("--grad-accum", "0", "--grad-accum must be at least 1"), ("--warmup-steps", "-1", "--warmup-steps must be 0")]
+    for option, value, fragment in cases:
+        out = run_cli("train", small_corpus, "--preset", "tiny", option, value, "--out", tmp_path / "never")
+        assert_clear_error(out, fragment.replace("must be finite", "must be a finite number"))
+    assert not (tmp_path / "never").exists()
+
+
+def test_fine_tuning_refuses_architecture_options_and_records_what_it_used(tiny_run, small_corpus, tmp_path):
+    source, _ = load_language_model(tiny_run)
+    out = run_cli("train", small_corpus, "--init-from", tiny_run, "--cell", "gru", "--hidden", "8", "--out", tmp_path / "x")
+    assert_clear_error(out, "--cell, --hidden: --init-from")
+    assert not (tmp_path / "x").exists()
+    trainer = Trainer(tiny_config(small_corpus, tmp_path / "ft", max_steps=2, init_from=str(tiny_run), dropout=0.3))
+    assert trainer.model_config.dropout == 0.3 and trainer.model_config.hidden == source.config.hidden
+    assert trainer.cfg.hidden == source.config.hidden and trainer.cfg.cell == source.config.cell  # not the preset's
+
+
+def test_resume_refuses_new_settings_and_a_spent_budget(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(small_corpus, run, max_steps=12))
+    before = (run / "best" / "model.safetensors").read_bytes()
+    assert_clear_error(run_cli("train", "--resume", run, "--hidden", "8"), "--hidden: a resumed run keeps its own settings")
+    assert_clear_error(run_cli("train", "--resume", run), "already reached its budget (max-steps at step 12)")
+    assert (run / "best" / "model.safetensors").read_bytes() == before
+    assert Trainer.resume(run).fit().steps == 12  # the API: fit() takes no step past the budget
+    out = run_cli("train", "--resume", run, "--max-steps", "14", "--quiet")
+    assert out.exit_code == 0, out.output
+
+
+def test_eval_of_a_text_too_short_to_score_is_an_error(tiny_run, tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a", encoding="utf-8")
+    assert_clear_error(run_cli("eval", tiny_run, one, "--json"), "holds 1 character(s); scoring needs at least 2")

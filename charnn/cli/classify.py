@@ -10,7 +10,7 @@ import click
 
 from ..errors import CharnnError
 from . import CharnnGroup, main
-from .train import fit_or_exit, parse_duration
+from .train import fit_or_exit, given_on_command_line, parse_duration, refuse_on_resume
 
 
 def _echo(msg: str) -> None:
@@ -20,12 +20,6 @@ def _echo(msg: str) -> None:
 SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")
 RESUMABLE = ("resume", "quiet", "as_json", "time_text", "max_epochs", "max_steps", "device")  # a resumed run may take
 
-
-def _given_on_command_line(names) -> list[str]:
-    """Which of the options ``names`` the user typed (rather than left at their defaults), as --flags."""
-    ctx = click.get_current_context()
-    flags = {p.name: p.opts[0] for p in ctx.command.params}
-    return [flags[n] for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
 
 
 @main.group("classify", cls=CharnnGroup)
@@ -115,6 +109,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     resumable RUN/last; Ctrl-C saves and tells how to resume. With --ensemble N
     the members train in RUN/member-1..N and RUN/best holds them all.
     """
+    from ..budget import check_resumable
     from ..classify import RESUME_OVERRIDES, ClassifierTrainer, ClassifyConfig, EnsembleTrainer
 
     opts.update(time_budget=parse_duration(time_text), max_chars=max_chars or None, patience=patience or None,
@@ -123,19 +118,17 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     if resume:
         if data:
             raise CharnnError("--resume continues a run on its own data; drop the DATA argument")
-        fixed = _given_on_command_line([n for n in click.get_current_context().params if n not in RESUMABLE])
-        if fixed:
-            raise CharnnError(f"{', '.join(fixed)}: a resumed run keeps its own settings (it may change only the budget, "
-                              "--device and --quiet); drop them, or start a new run")
+        refuse_on_resume(RESUMABLE)
         overrides = {k: opts[k] for k in RESUME_OVERRIDES}
         trainer = (EnsembleTrainer if EnsembleTrainer.is_ensemble_run(resume) else ClassifierTrainer).resume(resume, overrides)
+        check_resumable(trainer, resume)
         log(f"resuming {trainer.run_dir} at step {trainer.step}")
     else:
         if opts["max_epochs"] is None:
             del opts["max_epochs"]  # the default; on --resume, None keeps the run's own
         if not data:
             raise CharnnError("no data given; pass a CSV/TSV/JSONL file or a folder, e.g. charnn classify train data.csv")
-        ignored = _given_on_command_line(SCRATCH_ONLY) if opts["init_from"] else []
+        ignored = given_on_command_line(SCRATCH_ONLY) if opts["init_from"] else []
         if ignored:
             raise CharnnError(f"{', '.join(ignored)}: with --init-from the encoder is the language model's (its cell, "
                               "size, dropout and vocabulary); drop these options or --init-from")

@@ -30,6 +30,25 @@ def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+GLOB_HELP = ("Files to read inside directories, a pathlib pattern: '*.md' reads the top folder only, '**/*.md' "
+             "every subfolder too.")
+
+
+def given_on_command_line(names) -> list[str]:
+    """Which of the options ``names`` the user typed (rather than left at their defaults), as --flags."""
+    ctx = click.get_current_context()
+    flags = {p.name: p.opts[0] for p in ctx.command.params}
+    return [flags[n] for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+
+
+def refuse_on_resume(allowed) -> None:
+    """``--resume`` keeps a run's settings: options other than ``allowed`` (the budget, the device...) are an error."""
+    fixed = given_on_command_line([n for n in click.get_current_context().params if n not in allowed])
+    if fixed:
+        raise CharnnError(f"{', '.join(fixed)}: a resumed run keeps its own settings (it may change only the budget, "
+                          "--device and --quiet); drop them, or start a new run")
+
+
 def fit_or_exit(trainer, command: str):
     """``trainer.fit()``; after Ctrl-C/SIGTERM print the checkpoint and the resume command, then exit."""
     from ..training import TrainingInterrupted
@@ -41,13 +60,16 @@ def fit_or_exit(trainer, command: str):
         _echo(f"resume with: {command} --resume {e.run_dir}")
         sys.exit(e.exit_code)
     if result.stop_reason == "diverged":
-        raise CharnnError(f"training diverged (loss is not finite) at step {result.steps}; lower --lr or keep --grad-clip on")
+        kept = (f"the checkpoints saved before it are kept in {result.run_dir}" if result.run_dir and result.run_dir.is_dir()
+                else "nothing was saved")
+        raise CharnnError(f"training diverged (loss is not finite) at step {result.steps}; lower --lr or keep "
+                          f"--grad-clip on ({kept})")
     return result
 
 
 @main.command("train")
 @click.argument("corpus", nargs=-1, type=click.Path())
-@click.option("--glob", default="**/*", show_default=True, help="Files to read inside directories.")
+@click.option("--glob", default="**/*", show_default=True, help=GLOB_HELP)
 @click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of the corpus files.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Last fraction of the text that validates.")
 @click.option("--min-char-count", type=int, default=1, show_default=True, help="Rarer characters map to the unknown symbol.")
@@ -104,9 +126,10 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
     \b
     Examples:
       charnn train input.txt --time 10m
-      charnn train notes/ --glob '*.md' --preset medium
+      charnn train notes/ --glob '**/*.md' --preset medium
       charnn train --resume checkpoints/input-20260101-120000
     """
+    from ..budget import check_resumable
     from ..training import Trainer, TrainConfig
 
     quiet = quiet or as_json
@@ -117,8 +140,10 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
     if resume:
         if corpus:
             raise CharnnError("--resume continues a run on its own corpus; drop the corpus arguments")
+        refuse_on_resume(("resume", "quiet", "as_json", "time_text", "max_epochs", "max_steps", "device", "grad_accum"))
         overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet", "grad_accum")}
         trainer = Trainer.resume(resume, overrides)
+        check_resumable(trainer, resume)
         log(f"resuming {trainer.run_dir} at step {trainer.step}")
     else:
         if not corpus:
@@ -141,7 +166,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
 @click.argument("checkpoint", type=click.Path())
 @click.argument("files", nargs=-1, required=True, type=click.Path())
 @click.option("--encoding", default="utf-8", show_default=True)
-@click.option("--glob", default="**/*", show_default=True)
+@click.option("--glob", default="**/*", show_default=True, help=GLOB_HELP)
 @click.option("--last", is_flag=True, help="Use the run's last model rather than its best.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -157,6 +182,9 @@ def eval_cmd(checkpoint, files, encoding, glob, last, device, as_json):
     model, ck = load_language_model(checkpoint, which="last" if last else "best", device=dev)
     text = read_corpus_text(files, glob, encoding)
     ids = ck.vocab.encode(text)
+    if len(ids) < 2:
+        raise CharnnError(f"{', '.join(files)} hold{'s' if len(files) == 1 else ''} {len(ids)} character(s); scoring "
+                          "needs at least 2 (each character after the first is predicted)")
     nats, count = evaluate(model, ids, device=dev)
     unknown = int((ids == 0).sum())
     report = {"checkpoint": str(ck.path), "files": list(files), "chars": len(text), "scored_chars": count,
