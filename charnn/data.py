@@ -131,6 +131,9 @@ def load_corpus(
     train_text, val_text = text[:cut], text[cut:]
     if vocab is None:
         vocab = Vocabulary.from_text(train_text, min_count=min_char_count)
+        if len(vocab) < 2 and train_text:
+            raise CharnnError(f"no character occurs --min-char-count {min_char_count} times in the training text "
+                              f"({len(train_text):,} characters); lower --min-char-count")
     return Corpus(vocab, vocab.encode(train_text), vocab.encode(val_text), [str(p) for p in paths])
 
 

@@ -31,6 +31,7 @@ from .distributed import DistContext, init_from_env, shutdown
 from .errors import CharnnError
 from .model import CharRNN, ModelConfig, bits_per_char, sequence_loss
 from .presets import recommend
+from .vocab import UNK_ID
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "plateau", "constant")
@@ -629,6 +630,14 @@ class Trainer(BudgetClock):
         if self.on_log:
             self.on_log(record)
 
+    def _unknown_text(self) -> str:
+        """When fine-tuning: how much of the new corpus the model's vocabulary lacks (it reads as unknown)."""
+        if not self.cfg.init_from or not len(self.corpus.train):
+            return ""
+        unknown = int(np.count_nonzero(self.corpus.train == UNK_ID))
+        return (f"; {unknown:,} of them ({unknown / len(self.corpus.train):.2%}) unknown to the model's vocabulary"
+                if unknown else "")
+
     def describe(self) -> str:
         c, m = self.cfg, self.model_config
         return (
@@ -638,7 +647,7 @@ class Trainer(BudgetClock):
             f"batch {c.batch_size} x seq {c.seq_len}"
             + (f" x {c.grad_accum} accumulation" if c.grad_accum > 1 else "")
             + (f" x {self.world_size} processes" if self.world_size > 1 else "")
-            + f", {self.steps_per_epoch} steps per epoch\n"
+            + f", {self.steps_per_epoch} steps per epoch" + self._unknown_text() + "\n"
             f"device: {self.device} ({self.precision}), {torch.get_num_threads()} CPU threads; "
             f"{c.optimizer} lr {c.lr:g} ({c.schedule})" + _decay_text(c)
             + f", budget: {_budget_text(c)}\n"

@@ -604,3 +604,15 @@ def test_eval_of_a_text_too_short_to_score_is_an_error(tiny_run, tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a", encoding="utf-8")
     assert_clear_error(run_cli("eval", tiny_run, one, "--json"), "holds 1 character(s); scoring needs at least 2")
+
+
+def test_a_min_char_count_above_every_count_is_a_clear_error(small_corpus, tmp_path):
+    out = run_cli("train", small_corpus, "--min-char-count", "100000000", "--out", tmp_path / "never")
+    assert_clear_error(out, "no character occurs --min-char-count 100000000 times")
+
+
+def test_fine_tuning_says_how_much_of_the_corpus_the_vocabulary_lacks(tiny_run, small_corpus, tmp_path):
+    new = tmp_path / "new.txt"
+    new.write_text("ÄÖÜ€" * 10 + small_corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    trainer = Trainer(tiny_config(new, tmp_path / "ft", max_steps=1, init_from=str(tiny_run)))
+    assert "40 of them (" in trainer.describe() and "unknown to the model's vocabulary" in trainer.describe()
