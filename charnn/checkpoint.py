@@ -111,7 +111,10 @@ class Checkpoint:
         try:
             missing, unexpected = load_model(module, str(self.path / WEIGHTS), strict=False, device=str(device))
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CharnnError(f"{self.path / WEIGHTS} is damaged ({e}); use another checkpoint") from e
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # torch lists every tensor
+            detail = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(e).__name__)
+            raise CharnnError(f"{self.path / WEIGHTS} is damaged or does not match its config ({detail}); "
+                              "use another checkpoint") from e
         if missing or unexpected:
             raise CharnnError(
                 f"{self.path / WEIGHTS} does not match its config (missing {sorted(missing)[:3]}, "

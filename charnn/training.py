@@ -650,7 +650,7 @@ class Trainer(BudgetClock):
             + f", {self.steps_per_epoch} steps per epoch" + self._unknown_text() + "\n"
             f"device: {self.device} ({self.precision}), {torch.get_num_threads()} CPU threads; "
             f"{c.optimizer} lr {c.lr:g} ({c.schedule})" + _decay_text(c)
-            + f", budget: {_budget_text(c)}\n"
+            + f", budget: {_budget_text(c, has_validation=len(self.corpus.val) >= 2)}\n"
             f"run directory: {self.run_dir}"
         )
 
@@ -766,7 +766,7 @@ def _decay_text(cfg: TrainConfig) -> str:
     return f", weight decay {cfg.weight_decay:g} if the budget allows {full:g} epochs (none up to {start:g}, linear between)"
 
 
-def _budget_text(cfg: TrainConfig) -> str:
+def _budget_text(cfg: TrainConfig, has_validation: bool = True) -> str:
     parts = []
     if cfg.time_budget:
         parts.append(f"{cfg.time_budget:g} s")
@@ -774,7 +774,7 @@ def _budget_text(cfg: TrainConfig) -> str:
         parts.append(f"{cfg.max_steps} steps")
     if cfg.max_epochs:
         parts.append(f"{cfg.max_epochs:g} epochs")
-    if cfg.patience:
+    if cfg.patience and has_validation:  # early stopping watches the validation loss
         parts.append(f"early stopping after {cfg.patience} evaluations without improvement")
     return ", ".join(parts) or "none"
 

@@ -282,6 +282,12 @@ def test_corrupt_or_partial_checkpoints_are_clear_errors(tiny_run, tmp_path, sma
     shutil.copytree(tiny_run, partial)
     (partial / "best" / "vocab.json").unlink()
     assert_clear_error(run_cli("eval", partial, small_corpus), "vocab.json")
+    resized = tmp_path / "resized"
+    shutil.copytree(tiny_run, resized)
+    config = json.loads((resized / "best" / "config.json").read_text())
+    config["model"]["hidden"] += 8
+    (resized / "best" / "config.json").write_text(json.dumps(config))
+    assert_clear_error(run_cli("eval", resized, small_corpus), "does not match its config (size mismatch for")
     assert_clear_error(run_cli("eval", tmp_path / "nowhere", small_corpus), "not found")
     assert_clear_error(run_cli("train", "--resume", tmp_path / "nowhere"), "not found")
 
@@ -616,3 +622,9 @@ def test_fine_tuning_says_how_much_of_the_corpus_the_vocabulary_lacks(tiny_run, 
     new.write_text("ÄÖÜ€" * 10 + small_corpus.read_text(encoding="utf-8"), encoding="utf-8")
     trainer = Trainer(tiny_config(new, tmp_path / "ft", max_steps=1, init_from=str(tiny_run)))
     assert "40 of them (" in trainer.describe() and "unknown to the model's vocabulary" in trainer.describe()
+
+
+def test_without_validation_the_budget_promises_no_early_stopping(small_corpus, tmp_path):
+    with_val = Trainer(tiny_config(small_corpus, tmp_path / "a", max_steps=1))
+    without = Trainer(tiny_config(small_corpus, tmp_path / "b", max_steps=1, val_fraction=0.0))
+    assert "early stopping after" in with_val.describe() and "early stopping" not in without.describe()
