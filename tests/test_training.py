@@ -333,15 +333,17 @@ def test_sigint_leaves_a_resumable_checkpoint(small_corpus, tmp_path):
     run = tmp_path / "run"
     exe = Path(sys.executable).with_name("charnn")
     proc = subprocess.Popen([str(exe), "train", str(small_corpus), "--preset", "tiny", "--max-steps", "100000",
-                             "--out", str(run), "--log-every", "1", "-q"],
+                             "--out", str(run), "--log-every", "1", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(ckpt.read_metrics(run)) < 5:
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"charnn train --resume {run}" in err
+    report = json.loads(out)  # --json: one object on stdout, for scripts
+    assert report["interrupted"] and report["checkpoint"] == str(run / "last") and report["resume"].endswith(str(run))
     ck = ckpt.load_checkpoint(run, which="last", with_train_state=True)
     step = ck.train_state["step"]
     assert step >= 5

@@ -136,7 +136,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
         trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer).from_files(
             cfg, data, val_data, text_col=text_col, label_col=label_col, label_sep=label_sep, encoding=encoding)
     log(trainer.describe())
-    result = fit_or_exit(trainer, "charnn classify train")
+    result = fit_or_exit(trainer, "charnn classify train", as_json)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -49,15 +49,20 @@ def refuse_on_resume(allowed) -> None:
                           "--device and --quiet); drop them, or start a new run")
 
 
-def fit_or_exit(trainer, command: str):
-    """``trainer.fit()``; after Ctrl-C/SIGTERM print the checkpoint and the resume command, then exit."""
+def fit_or_exit(trainer, command: str, as_json: bool = False):
+    """``trainer.fit()``; after Ctrl-C/SIGTERM print the checkpoint and the resume command (with ``as_json``
+    also one JSON object on stdout, so a script reading it learns the same), then exit."""
     from ..training import TrainingInterrupted
 
     try:
         result = trainer.fit()
     except TrainingInterrupted as e:
+        resume = f"{command} --resume {e.run_dir}"
         _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.checkpoint}")
-        _echo(f"resume with: {command} --resume {e.run_dir}")
+        _echo(f"resume with: {resume}")
+        if as_json:
+            click.echo(json.dumps({"interrupted": True, "step": trainer.step, "run_dir": str(e.run_dir),
+                                   "checkpoint": str(e.checkpoint), "resume": resume}))
         sys.exit(e.exit_code)
     if result.stop_reason == "diverged":
         kept = (f"the checkpoints saved before it are kept in {result.run_dir}" if result.run_dir and result.run_dir.is_dir()
@@ -150,7 +155,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
             raise CharnnError("no corpus given; pass text files or directories, e.g. charnn train input.txt")
         trainer = Trainer(TrainConfig(corpus=list(corpus), **opts))
     log(trainer.describe())
-    result = fit_or_exit(trainer, "charnn train")
+    result = fit_or_exit(trainer, "charnn train", as_json)
     if as_json:
         click.echo(json.dumps({**asdict(result), "run_dir": str(result.run_dir)}))
         return
