@@ -58,11 +58,13 @@ class BudgetClock:
     def _budget_spent(self) -> str | None:
         return budget_spent(self.cfg, self.step, self._epoch_progress(), self._elapsed())
 
+    def patience_spent(self) -> bool:
+        """Early stopping: ``patience`` evaluations in a row without improvement."""
+        return bool(self.cfg.patience) and self.bad_evals >= self.cfg.patience
+
     def why_finished(self) -> str | None:
         """Why the run has nothing left to train (its budget is spent, or ``early-stopping``), or None."""
-        if self.cfg.patience and self.bad_evals >= self.cfg.patience:
-            return "early-stopping"
-        return self._budget_spent()
+        return "early-stopping" if self.patience_spent() else self._budget_spent()
 
 
 class BudgetBar:
@@ -94,14 +96,17 @@ class BudgetBar:
         self.bar.set_postfix_str(f"{postfix}, ep {c._epoch_progress():.2f}", refresh=False)
 
 
+BUDGET_FLAGS = {"max-steps": "--max-steps", "max-epochs": "--max-epochs", "time": "--time"}
+
+
 def check_resumable(trainer, run_dir) -> None:
     """A run that already spent its budget, or stopped early, has nothing left to train: say so (for ``--resume``)."""
     reason = trainer.why_finished()
-    if reason == "ensemble":
-        raise CharnnError(f"{run_dir} finished all its members; nothing is left to train")
     if reason == "early-stopping":
         raise CharnnError(f"{run_dir} stopped early ({trainer.bad_evals} evaluations without improvement), so its best "
                           f"model is final; to train more, start a new run from it (--init-from)")
-    if reason:
+    if reason in BUDGET_FLAGS:
         raise CharnnError(f"{run_dir} already reached its budget ({reason} at step {trainer.step}); give a larger "
-                          "--max-steps, --max-epochs or --time to train on")
+                          f"{BUDGET_FLAGS[reason]} to train on")
+    if reason:
+        raise CharnnError(f"{run_dir} is finished ({reason}); nothing is left to train")

@@ -1068,6 +1068,12 @@ class ClassifierTrainer(BudgetClock):
                               len(self.val_texts), self.train_chars / max(self.train_seconds, 1e-9), self._elapsed(),
                               stop_reason, probe)
 
+    def why_finished(self) -> str | None:
+        """Also ``"linear-probe"`` once a probe run has fitted its head (a probe trains in one pass)."""
+        if self.cfg.freeze_encoder and self.epoch >= 1:
+            return "linear-probe"
+        return super().why_finished()
+
     def _fit_probe(self) -> ClassifyResult:
         """The linear probe: one pass of the frozen encoder over the training texts, then logistic regression on
         its pooled features with the L2 strength chosen by cross-validation (:func:`charnn.probe.fit_probe`)."""
@@ -1105,6 +1111,9 @@ class ClassifierTrainer(BudgetClock):
 
     def _evaluate_and_save(self, stop_reason: str | None) -> str | None:
         val = self.validate()
+        if val is not None and not math.isfinite(val["val_loss"]):  # the weights blew up: save nothing from them
+            self._log({"val_loss": None, "diverged": True})
+            return "diverged"
         self.last = val
         improved = val is None or self._improved(val)
         if val is not None:
@@ -1112,7 +1121,7 @@ class ClassifierTrainer(BudgetClock):
             self.bad_evals = 0 if improved else self.bad_evals + 1
             self.best = val if improved else self.best
             self._log({**val, "best_val_macro_f1": self.best["val_macro_f1"]})
-            if _patience_spent(self.cfg.patience, self.bad_evals) and not stop_reason:
+            if self.patience_spent() and not stop_reason:
                 stop_reason = "early-stopping"
         if improved:
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
@@ -1260,8 +1269,9 @@ class EnsembleTrainer:
         return self.current.step
 
     def why_finished(self) -> str | None:
-        """``"ensemble"`` once every member has finished (nothing is left to train), else None."""
-        return "ensemble" if len(self.nets) == self.cfg.ensemble else None
+        """``"ensemble"`` once every member has finished and the ensemble is saved (nothing is left to do), else None."""
+        saved = self.run_dir is None or ckpt.is_checkpoint_dir(self.run_dir / "best")
+        return "ensemble" if len(self.nets) == self.cfg.ensemble and saved else None
 
     def _member_dir(self, i: int) -> Path | None:
         return self.run_dir / f"member-{i + 1}" if self.run_dir else None
@@ -1298,6 +1308,10 @@ class EnsembleTrainer:
                 result = self.current.fit()
             except ClassifierInterrupted as e:
                 raise ClassifierInterrupted(self.run_dir, e.signum, e.checkpoint) from None
+            if result.stop_reason == "diverged":  # no ensemble from a member that blew up
+                if self.run_dir and not self.finished:
+                    ckpt.discard_run_without_checkpoint(self.run_dir)
+                return replace(result, run_dir=self.run_dir, members=self.finished)
             self.nets.append(self.current.net)
             self.finished.append({"member": i + 1, "seed": self.current.cfg.init_seed, **result.to_dict()})
             if self.run_dir:
@@ -1330,10 +1344,6 @@ class EnsembleTrainer:
                              "members": [{k: m[k] for k in ("member", "seed", "steps", "epochs", "best_val_f1",
                                                             "stop_reason")} for m in self.finished]}
         return config
-
-
-def _patience_spent(patience: int | None, bad_evals: int) -> bool:
-    return bool(patience) and bad_evals >= patience
 
 
 def _resumed_settings(run_dir, source: ckpt.Checkpoint, overrides: dict | None, data: tuple | None):

@@ -36,6 +36,7 @@ from .vocab import UNK_ID
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("cosine", "plateau", "constant")
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig) if f.name != "vocab_size")
+RESUME_OVERRIDES = ("max_epochs", "max_steps", "time_budget", "device", "quiet", "grad_accum")  # a resume may change
 # settings a fine-tuned model may change: its regularisation (the rest is the architecture it was trained with)
 FINE_TUNE_FIELDS = ("dropout", "embed_dropout", "weight_drop")
 PACE_SKIP_STEPS = 10  # a session's first steps carry one-off start-up costs: the pace is timed after them
@@ -164,9 +165,9 @@ def _validate(cfg: TrainConfig) -> None:
             raise CharnnError(message)
 
 
-def _refuse_architecture(given: dict, init_from: str) -> None:
+def _refuse_architecture(given: dict, model: ModelConfig, init_from: str) -> None:
     """Fine-tuning keeps the model's architecture: options that would set another are an error, not ignored."""
-    fixed = [n for n in given if n not in FINE_TUNE_FIELDS]
+    fixed = [n for n, v in given.items() if n not in FINE_TUNE_FIELDS and v != getattr(model, n)]
     if fixed:
         flags = ", ".join("--" + n.replace("_", "-") for n in fixed)
         raise CharnnError(f"{flags}: --init-from {init_from} keeps that model's architecture and initialised weights; "
@@ -334,8 +335,6 @@ class Trainer(BudgetClock):
         self.dist = init_from_env(cfg.device)
         self.device = self.dist.device(cfg.device)
         self.given = {n: getattr(cfg, n) for n in MODEL_FIELDS if getattr(cfg, n) is not None}  # before the presets
-        if cfg.init_from and not resume_from:
-            _refuse_architecture(self.given, cfg.init_from)
         self.cfg = cfg if resume_from else _fill_defaults(cfg, self.device)
         if resume_from:
             _fit_global_batch(self.cfg, resume_from.train_state, self.dist.world_size)
@@ -403,7 +402,8 @@ class Trainer(BudgetClock):
             if source.kind != "language-model":
                 raise CharnnError(f"{source.path} is a {source.kind} checkpoint; --init-from needs a language model")
             config = ModelConfig.from_dict(source.config["model"])
-            if fine_tuning:  # a new run may regularise the model differently
+            if fine_tuning:  # a new run may regularise the model differently, but keeps its architecture
+                _refuse_architecture(self.given, config, self.cfg.init_from)
                 config = replace(config, **{n: v for n, v in self.given.items() if n in FINE_TUNE_FIELDS})
             return config
         values = {name: getattr(self.cfg, name) for name in MODEL_FIELDS}
@@ -430,6 +430,8 @@ class Trainer(BudgetClock):
         for key, value in (overrides or {}).items():
             if value is not None:
                 setattr(cfg, key, value)
+        if cfg.grad_accum is not None and cfg.grad_accum < 1:
+            raise CharnnError(f"--grad-accum must be at least 1, got {cfg.grad_accum}")
         cfg.init_from = None
         trainer = cls(cfg, resume_from=source, **kwargs)
         if (cfg.max_steps, cfg.max_epochs, cfg.time_budget) != budget_before:
@@ -729,15 +731,18 @@ class Trainer(BudgetClock):
 
     def _evaluate_and_save(self, stop_reason: str | None) -> str | None:
         val = self.validate()
+        if val is not None and not math.isfinite(val):  # the weights blew up: save nothing from them
+            self._log({"val_bpc": None, "diverged": True})
+            return "diverged"
         self.last_val = val
-        improved = val is not None and math.isfinite(val) and (self.best_val is None or val < self.best_val)
+        improved = val is not None and (self.best_val is None or val < self.best_val)
         if val is not None:
             self.schedule.observe(val)
             self.bad_evals = 0 if improved else self.bad_evals + 1
             self.best_val = val if improved else self.best_val
             self._log({"val_bpc": round(val, 5), "best_val_bpc": round(self.best_val, 5),
                        **({"averaged_steps": self.average.count} if self.average.count else {})})
-            if self.cfg.patience and self.bad_evals >= self.cfg.patience and not stop_reason:
+            if self.patience_spent() and not stop_reason:
                 stop_reason = "early-stopping"
         if improved or val is None:
             self.save("best")

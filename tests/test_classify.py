@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -693,7 +694,7 @@ def test_resuming_a_finished_run_changes_nothing(order_data, tmp_path):
     assert out.exit_code == 2 and "already reached its budget (max-epochs" in out.output
     assert (tmp_path / "one" / "last" / "model.safetensors").read_bytes() == before
     out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "two")])
-    assert out.exit_code == 2 and "finished all its members" in out.output
+    assert out.exit_code == 2 and "is finished (ensemble); nothing is left to train" in out.output
 
 
 def test_a_diverged_classifier_keeps_its_last_finite_model(order_data, tmp_path, monkeypatch):
@@ -715,3 +716,36 @@ def test_a_diverged_classifier_keeps_its_last_finite_model(order_data, tmp_path,
     assert all(torch.isfinite(p).all() for p in clf.net_.parameters())
     saved = TextClassifier.load(tmp_path / "run", which="last")
     assert all(torch.isfinite(p).all() for p in saved.net_.parameters())
+
+
+def test_an_ensemble_stopped_before_saving_itself_can_be_finished(order_data, tmp_path):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "train.tsv", texts[:120], labels[:120])
+    args = ["classify", "train", str(data), "--hidden", "16", "--embed-dim", "8", "--max-epochs", "1", "--device", "cpu",
+            "--quiet", "--ensemble", "2", "--out", str(tmp_path / "two")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    shutil.rmtree(tmp_path / "two" / "best")  # as if stopped between the last member and the ensemble's save
+    out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "two"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "two" / "best").is_dir()
+
+
+def test_a_diverged_member_stops_the_ensemble(order_data, tmp_path, monkeypatch):
+    (texts, labels), _ = order_data
+    monkeypatch.setattr(ClassifierTrainer, "train_step", lambda self, idx: float("nan"))
+    data = write_tsv(tmp_path / "train.tsv", texts[:120], labels[:120])
+    out = CliRunner().invoke(main, ["classify", "train", str(data), "--hidden", "16", "--embed-dim", "8", "--ensemble",
+                                    "2", "--device", "cpu", "--quiet", "--out", str(tmp_path / "two")])
+    assert out.exit_code == 2 and "training diverged" in out.output and "nothing was saved" in out.output
+    assert not (tmp_path / "two").exists()
+
+
+def test_a_finished_linear_probe_is_not_fitted_again(tiny_run, order_data, tmp_path):
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "few.tsv", texts[:60], labels[:60])
+    args = ["classify", "train", str(data), "--init-from", str(tiny_run), "--quiet", "--out", str(tmp_path / "probe")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    metrics = (tmp_path / "probe" / "metrics.jsonl").read_text()
+    out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "probe")])
+    assert out.exit_code == 2 and "is finished (linear-probe)" in out.output
+    assert (tmp_path / "probe" / "metrics.jsonl").read_text() == metrics

@@ -630,3 +630,27 @@ def test_without_validation_the_budget_promises_no_early_stopping(small_corpus, 
     with_val = Trainer(tiny_config(small_corpus, tmp_path / "a", max_steps=1))
     without = Trainer(tiny_config(small_corpus, tmp_path / "b", max_steps=1, val_fraction=0.0))
     assert "early stopping after" in with_val.describe() and "early stopping" not in without.describe()
+
+
+def test_a_non_finite_validation_loss_is_a_divergence(small_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(Trainer, "validate", lambda self: float("nan"))
+    result = train(tiny_config(small_corpus, tmp_path / "run", max_steps=30))
+    assert result.stop_reason == "diverged" and result.steps == 10 and not (tmp_path / "run").exists()
+
+
+def test_a_fine_tuning_config_can_be_used_again(tiny_run, small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "a", max_steps=1, init_from=str(tiny_run))
+    Trainer(cfg)  # records the model's real architecture in cfg
+    cfg.out = str(tmp_path / "b")
+    assert Trainer(cfg).model_config == load_language_model(tiny_run)[0].config
+
+
+def test_resume_names_the_limit_that_was_reached_and_checks_grad_accum(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(small_corpus, run, max_steps=12))
+    assert_clear_error(run_cli("train", "--resume", run, "--max-epochs", "50"), "give a larger --max-steps to train on")
+    assert_clear_error(run_cli("train", "--resume", run, "--max-steps", "20", "--grad-accum", "0"),
+                       "--grad-accum must be at least 1")
+    out = run_cli("train", "--resume", run, "--no-tie-weights", "--max-steps", "20")
+    assert_clear_error(out, "--no-tie-weights: a resumed run keeps its own settings (it takes only ")
+    assert "--max-steps" in out.output and "--grad-accum" in out.output and "--json" in out.output

@@ -24,7 +24,7 @@ class OneLineUsageError(click.UsageError):
 
 
 def _one_line(e: click.UsageError) -> click.UsageError:
-    if isinstance(e, (OneLineUsageError, click.exceptions.NoArgsIsHelpError)):
+    if isinstance(e, (OneLineUsageError, getattr(click.exceptions, "NoArgsIsHelpError", ()))):  # click >= 8.2
         return e  # already converted, or a bare group name that shows its help
     return OneLineUsageError(e.format_message(), e.ctx)
 

@@ -10,7 +10,7 @@ import click
 
 from ..errors import CharnnError
 from . import CharnnGroup, main
-from .train import fit_or_exit, given_on_command_line, parse_duration, refuse_on_resume
+from .train import fit_or_exit, given_on_command_line, parse_duration, refuse_on_resume, resume_options
 
 
 def _echo(msg: str) -> None:
@@ -18,7 +18,6 @@ def _echo(msg: str) -> None:
 
 
 SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")
-RESUMABLE = ("resume", "quiet", "as_json", "time_text", "max_epochs", "max_steps", "device")  # a resumed run may take
 
 
 
@@ -118,7 +117,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     if resume:
         if data:
             raise CharnnError("--resume continues a run on its own data; drop the DATA argument")
-        refuse_on_resume(RESUMABLE)
+        refuse_on_resume(resume_options(RESUME_OVERRIDES))
         overrides = {k: opts[k] for k in RESUME_OVERRIDES}
         trainer = (EnsembleTrainer if EnsembleTrainer.is_ensemble_run(resume) else ClassifierTrainer).resume(resume, overrides)
         check_resumable(trainer, resume)

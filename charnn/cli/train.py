@@ -34,19 +34,32 @@ GLOB_HELP = ("Files to read inside directories, a pathlib pattern: '*.md' reads 
              "every subfolder too.")
 
 
+def _flag(ctx: click.Context, name: str) -> str:
+    """The option ``name`` as typed: ``--no-x`` for a boolean flag switched off."""
+    param = next(p for p in ctx.command.params if p.name == name)
+    off = getattr(param, "secondary_opts", None) and ctx.params.get(name) is False
+    return param.secondary_opts[0] if off else param.opts[0]
+
+
 def given_on_command_line(names) -> list[str]:
     """Which of the options ``names`` the user typed (rather than left at their defaults), as --flags."""
     ctx = click.get_current_context()
-    flags = {p.name: p.opts[0] for p in ctx.command.params}
-    return [flags[n] for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    return [_flag(ctx, n) for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+
+
+def resume_options(overrides) -> tuple[str, ...]:
+    """The command's parameters a ``--resume`` accepts: the run's ``overrides`` (config names), --resume, --json."""
+    return ("resume", "as_json", *("time_text" if k == "time_budget" else k for k in overrides))
 
 
 def refuse_on_resume(allowed) -> None:
     """``--resume`` keeps a run's settings: options other than ``allowed`` (the budget, the device...) are an error."""
-    fixed = given_on_command_line([n for n in click.get_current_context().params if n not in allowed])
+    ctx = click.get_current_context()
+    fixed = given_on_command_line([n for n in ctx.params if n not in allowed])
     if fixed:
-        raise CharnnError(f"{', '.join(fixed)}: a resumed run keeps its own settings (it may change only the budget, "
-                          "--device and --quiet); drop them, or start a new run")
+        takes = ", ".join(next(p.opts[0] for p in ctx.command.params if p.name == n) for n in allowed if n != "resume")
+        raise CharnnError(f"{', '.join(fixed)}: a resumed run keeps its own settings (it takes only {takes}); "
+                          "drop them, or start a new run")
 
 
 def fit_or_exit(trainer, command: str, as_json: bool = False):
@@ -135,7 +148,7 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
       charnn train --resume checkpoints/input-20260101-120000
     """
     from ..budget import check_resumable
-    from ..training import Trainer, TrainConfig
+    from ..training import RESUME_OVERRIDES, Trainer, TrainConfig
 
     quiet = quiet or as_json
     opts.update(init=init_scheme, compile=use_compile, time_budget=parse_duration(time_text), quiet=quiet)
@@ -145,8 +158,8 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
     if resume:
         if corpus:
             raise CharnnError("--resume continues a run on its own corpus; drop the corpus arguments")
-        refuse_on_resume(("resume", "quiet", "as_json", "time_text", "max_epochs", "max_steps", "device", "grad_accum"))
-        overrides = {k: opts[k] for k in ("max_epochs", "max_steps", "time_budget", "device", "quiet", "grad_accum")}
+        refuse_on_resume(resume_options(RESUME_OVERRIDES))
+        overrides = {k: opts[k] for k in RESUME_OVERRIDES}
         trainer = Trainer.resume(resume, overrides)
         check_resumable(trainer, resume)
         log(f"resuming {trainer.run_dir} at step {trainer.step}")
