@@ -17,8 +17,7 @@ def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")
-
+SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")  # not with --init-from
 
 
 @main.group("classify", cls=CharnnGroup)
