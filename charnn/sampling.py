@@ -34,6 +34,7 @@ unknown symbol (id 0) is never generated unless ``allow_unknown``.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -133,7 +134,25 @@ def fresh_random_seed() -> int:
 
 
 # -- turning logits into characters ---------------------------------------------------------------------
+GREEDY_BELOW = 1e-6  # a temperature this low picks the likeliest character anyway (and 1/T would overflow float32 soon)
 INVALID_SCORES = "the model produced invalid scores (NaN or infinite); the checkpoint is damaged or its training diverged"
+
+
+SAMPLE_BYTES = 2048  # per sample besides its characters: its random generator, state rows, bookkeeping
+
+
+def _check_fits_in_memory(o: SamplingOptions) -> None:
+    """The samples are held in memory while they are made (8 bytes a character, 16 with log-probabilities):
+    refuse at once what cannot fit in half of this machine's memory, rather than fail or be killed midway."""
+    need = o.num_samples * (o.length * (16 if o.logprobs else 8) + SAMPLE_BYTES)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no limit known
+        return
+    if need > have:
+        raise CharnnError(f"{o.num_samples:,} sample{'s' if o.num_samples > 1 else ''} of {o.length:,} characters need about {need / 2**30:,.1f} GiB "
+                          f"while they are made, more than half this machine's memory ({have * 2 / 2**30:,.0f} GiB); "
+                          "ask for fewer characters (--length) or samples (--num-samples)")
 
 
 class Chooser:
@@ -147,8 +166,8 @@ class Chooser:
     def __init__(self, options: SamplingOptions, vocab_size: int):
         self.o = options
         self.vocab_size = vocab_size
-        self.greedy = options.temperature == 0
-        self.inv_temperature = None if options.temperature in (0, 1) else np.float32(1.0 / options.temperature)
+        self.greedy = options.temperature < GREEDY_BELOW
+        self.inv_temperature = None if self.greedy or options.temperature == 1 else np.float32(1.0 / options.temperature)
         self.top_k = options.top_k if options.top_k is not None and options.top_k < vocab_size else None
         self.top_p = options.top_p if options.top_p is not None and options.top_p < 1 else None
         self.ban_unknown = not options.allow_unknown
@@ -229,6 +248,7 @@ class SampleRun:
         self.options = o = options or SamplingOptions()
         if len(vocab) != stepper.vocab_size:
             raise CharnnError(f"the vocabulary ({len(vocab)}) does not match the model ({stepper.vocab_size})")
+        _check_fits_in_memory(o)
         self.seed = seed or ""
         self.seed_ids = encode_text(vocab, self.seed or DEFAULT_SEED, strict=strict and bool(self.seed))
         self.base_seed = o.random_seed if o.random_seed is not None else fresh_random_seed()

@@ -79,6 +79,20 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     _require_fastapi()
     from fastapi import FastAPI  # noqa: PLC0415
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: PLC0415
+
+    class SlotStream(StreamingResponse):
+        """A stream that gives its generation slot back when the response ends however it ends: finished,
+        or the client gone (a suspended generator is not closed then, so its own ``finally`` cannot be relied on)."""
+
+        def __init__(self, content, release: Callable[[], None], **kwargs):
+            super().__init__(content, **kwargs)
+            self.release = release
+
+        async def __call__(self, scope, receive, send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.release()
     from pydantic import BaseModel, ConfigDict, Field  # noqa: PLC0415
 
     from . import __version__  # noqa: PLC0415
@@ -196,9 +210,9 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
             release()
             raise
         events = _events((piece for _, piece in run), on_end=release)
-        weakref.finalize(events, release)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        weakref.finalize(events, release)  # a response that is never sent
+        return SlotStream(events, release, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/score")
     def score(req: ScoreRequest) -> dict:

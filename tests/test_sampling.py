@@ -304,6 +304,19 @@ def test_temperature_zero_is_argmax_decoding(lm):
     assert lm.generate(SEED, length=60, temperature=0) == greedy_reference(lm, SEED, 60)
 
 
+def test_a_vanishing_temperature_is_greedy(lm):
+    greedy = lm.generate(SEED, length=60, temperature=0)
+    for tiny in (1e-7, 1e-30, 1e-40, 1e-320):  # 1/T overflows float32 from about 3e-39 on
+        assert lm.generate(SEED, length=60, temperature=tiny, random_seed=1) == greedy, tiny
+
+
+def test_samples_too_large_for_memory_are_refused_before_any_work(lm):
+    with pytest.raises(CharnnError, match=r"1 sample of 10,000,000,000 characters need about 74.5 GiB"):
+        lm.generate(SEED, length=10**10)
+    with pytest.raises(CharnnError, match="ask for fewer characters .--length. or samples .--num-samples."):
+        lm.sample(SEED, length=5, num_samples=10**9)
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(lm):
     greedy = lm.generate(SEED, length=80, temperature=0)
     assert lm.generate(SEED, length=80, top_k=1, random_seed=5) == greedy

@@ -307,6 +307,51 @@ def test_generations_beyond_the_limit_get_503_while_completions_go_on(tiny_run):
     assert client.post("/v1/generate", json={"seed": "a", "length": 5}).status_code == 200  # the stream gave its slot back
 
 
+def test_a_stream_the_client_drops_gives_its_slot_back(tiny_run):
+    """A real server: the client reads one event of a long stream and hangs up; the one slot must come back."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    script = Path(sys.executable).with_name("charnn")
+    if not script.exists():
+        pytest.skip("the charnn console script is not installed (pip install -e .)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(script), "serve", str(tiny_run), "--port", str(port), "--max-generations", "1",
+                             "--max-generate-chars", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                httpx.get(f"{base}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "charnn serve did not come up"
+                time.sleep(0.2)
+        with httpx.stream("POST", f"{base}/v1/generate/stream", json={"seed": "a", "length": 100000}, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_raw())  # one event, then the client hangs up
+        codes = []
+        for _ in range(8):  # the server notices the hang-up within moments (generating the rest takes seconds)
+            codes.append(httpx.post(f"{base}/v1/generate", json={"seed": "a", "length": 5}, timeout=30).status_code)
+            if codes[-1] == 200:
+                break
+            time.sleep(0.2)
+        assert codes[-1] == 200, codes
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
 # -- binding the port ----------------------------------------------------------------------------
 
 
