@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import warnings
@@ -239,7 +240,10 @@ def test_concurrent_clients_get_consistent_answers(client, app):
     assert not failures
 
 
-def test_serve_command_listens_on_loopback_and_stops_on_ctrl_c(tiny_run):
+@contextlib.contextmanager
+def running_server(tiny_run, *options):
+    """``charnn serve`` in a subprocess on a free loopback port: yields (process, base URL) once it answers, then
+    stops it with Ctrl-C (its stderr is left in ``process.err``)."""
     import signal
     import socket
     import subprocess
@@ -255,25 +259,36 @@ def test_serve_command_listens_on_loopback_and_stops_on_ctrl_c(tiny_run):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(script), "serve", str(tiny_run), "--port", str(port), "--log-level", "warning"],
+    proc = subprocess.Popen([str(script), "serve", str(tiny_run), "--port", str(port), *options],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
         while True:
             assert proc.poll() is None, proc.stderr.read()
             try:
-                r = httpx.post(f"http://127.0.0.1:{port}/v1/complete", json={"text": "The inter"}, timeout=5)
+                httpx.get(f"{base}/healthz", timeout=5)
                 break
             except httpx.TransportError:
                 assert time.time() < deadline, "charnn serve did not come up"
                 time.sleep(0.2)
-        assert r.status_code == 200 and r.json()["suggestions"]
-        assert httpx.post(f"http://127.0.0.1:{port}/v1/complete", json={"text": 1}, timeout=5).status_code == 422
+        yield proc, base
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        _, proc.err = proc.communicate(timeout=30)
+
+
+def test_serve_command_listens_on_loopback_and_stops_on_ctrl_c(tiny_run):
+    import signal
+
+    import httpx
+
+    with running_server(tiny_run, "--log-level", "warning") as (proc, base):
+        r = httpx.post(f"{base}/v1/complete", json={"text": "The inter"}, timeout=5)
+        assert r.status_code == 200 and r.json()["suggestions"]
+        assert httpx.post(f"{base}/v1/complete", json={"text": 1}, timeout=5).status_code == 422
     assert proc.returncode in (0, -signal.SIGINT, 130)
-    assert f"http://127.0.0.1:{port}/" in err
+    assert f"{base}/" in proc.err
 
 
 def test_generations_beyond_the_limit_get_503_while_completions_go_on(tiny_run):
@@ -309,34 +324,11 @@ def test_generations_beyond_the_limit_get_503_while_completions_go_on(tiny_run):
 
 def test_a_stream_the_client_drops_gives_its_slot_back(tiny_run):
     """A real server: the client reads one event of a long stream and hangs up; the one slot must come back."""
-    import signal
-    import socket
-    import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     import httpx
 
-    script = Path(sys.executable).with_name("charnn")
-    if not script.exists():
-        pytest.skip("the charnn console script is not installed (pip install -e .)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(script), "serve", str(tiny_run), "--port", str(port), "--max-generations", "1",
-                             "--max-generate-chars", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                httpx.get(f"{base}/healthz", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.time() < deadline, "charnn serve did not come up"
-                time.sleep(0.2)
+    with running_server(tiny_run, "--max-generations", "1", "--max-generate-chars", "100000") as (_, base):
         with httpx.stream("POST", f"{base}/v1/generate/stream", json={"seed": "a", "length": 100000}, timeout=30) as r:
             assert r.status_code == 200
             next(r.iter_raw())  # one event, then the client hangs up
@@ -347,9 +339,6 @@ def test_a_stream_the_client_drops_gives_its_slot_back(tiny_run):
                 break
             time.sleep(0.2)
         assert codes[-1] == 200, codes
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
 
 
 # -- binding the port ----------------------------------------------------------------------------
