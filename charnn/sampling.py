@@ -119,6 +119,9 @@ class Sample:
 
 def encode_text(vocab: Vocabulary, text: str, *, strict: bool = False, what: str = "seed") -> np.ndarray:
     """Ids of ``text``; characters outside the vocabulary warn (or, ``strict``, raise) and become unknown."""
+    if not isinstance(text, str):
+        raise CharnnError(f"the {what} must be a string, got {type(text).__name__}"
+                          + ("; decode bytes first, e.g. data.decode('utf-8')" if isinstance(text, bytes) else ""))
     unknown = vocab.unknown_chars(text)
     if unknown:
         shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
@@ -249,6 +252,8 @@ class SampleRun:
         if len(vocab) != stepper.vocab_size:
             raise CharnnError(f"the vocabulary ({len(vocab)}) does not match the model ({stepper.vocab_size})")
         _check_fits_in_memory(o)
+        if seed is not None and not isinstance(seed, str):
+            encode_text(vocab, seed)  # the same one-line error as any text that is not a string
         self.seed = seed or ""
         self.seed_ids = encode_text(vocab, self.seed or DEFAULT_SEED, strict=strict and bool(self.seed))
         self.base_seed = o.random_seed if o.random_seed is not None else fresh_random_seed()

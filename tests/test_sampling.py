@@ -310,6 +310,15 @@ def test_a_vanishing_temperature_is_greedy(lm):
         assert lm.generate(SEED, length=60, temperature=tiny, random_seed=1) == greedy, tiny
 
 
+def test_seeds_and_texts_that_are_not_strings_are_clear_errors(lm):
+    with pytest.raises(CharnnError, match="the seed must be a string, got int"):
+        lm.generate(123)
+    with pytest.raises(CharnnError, match="the seed must be a string, got bytes; decode bytes first"):
+        lm.generate(b"abc")
+    with pytest.raises(CharnnError, match="the text must be a string, got int"):
+        lm.next_char_probs(3)
+
+
 def test_samples_too_large_for_memory_are_refused_before_any_work(lm):
     with pytest.raises(CharnnError, match=r"1 sample of 10,000,000,000 characters need about 74.5 GiB"):
         lm.generate(SEED, length=10**10)
