@@ -288,7 +288,8 @@ def _class_array(values: list) -> np.ndarray:
 
 def _check_known(seen: list, classes: np.ndarray, wording: tuple[str, str]) -> None:
     known = classes.tolist()
-    unseen = [v for v in seen if v not in set(known)]
+    known_set = set(known)
+    unseen = [v for v in seen if v not in known_set]
     if unseen:
         what, fix = wording
         shown = ", ".join(repr(v) for v in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
