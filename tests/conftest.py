@@ -42,6 +42,28 @@ def small_corpus(tmp_path_factory, docs_text) -> Path:
     return path
 
 
+@pytest.fixture
+def blow_up(monkeypatch):
+    """``blow_up(trainer_class, net_attribute, when)``: from the first step at which ``when(trainer)`` holds,
+    the trainer's loss and its network's weights turn non-finite, as a diverging run's do."""
+
+    def patch(trainer_class, net_attribute: str, when) -> None:
+        original = trainer_class.train_step
+
+        def train_step(self, *batch):
+            loss = original(self, *batch)
+            if not when(self):
+                return loss
+            with torch.no_grad():
+                for p in getattr(self, net_attribute).parameters():
+                    p.fill_(float("nan"))
+            return float("nan")
+
+        monkeypatch.setattr(trainer_class, "train_step", train_step)
+
+    return patch
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, small_corpus) -> Path:
     """A run directory with a tiny LSTM trained for a few dozen steps."""

@@ -697,20 +697,9 @@ def test_resuming_a_finished_run_changes_nothing(order_data, tmp_path):
     assert out.exit_code == 2 and "is finished (ensemble); nothing is left to train" in out.output
 
 
-def test_a_diverged_classifier_keeps_its_last_finite_model(order_data, tmp_path, monkeypatch):
+def test_a_diverged_classifier_keeps_its_last_finite_model(order_data, tmp_path, blow_up):
     (texts, labels), _ = order_data
-    original = ClassifierTrainer.train_step
-
-    def blow_up(self, idx):  # the second epoch's first step goes non-finite
-        loss = original(self, idx)
-        if self.epoch == 1:
-            with torch.no_grad():
-                for p in self.net.parameters():
-                    p.fill_(float("nan"))
-            return float("nan")
-        return loss
-
-    monkeypatch.setattr(ClassifierTrainer, "train_step", blow_up)
+    blow_up(ClassifierTrainer, "net", lambda trainer: trainer.epoch == 1)  # from the second epoch's first step
     clf = TextClassifier(**{**FAST, "max_epochs": 3, "out": str(tmp_path / "run")}).fit(texts[:100], labels[:100])
     assert clf.result_.stop_reason == "diverged"
     assert all(torch.isfinite(p).all() for p in clf.net_.parameters())

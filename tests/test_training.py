@@ -541,24 +541,8 @@ def test_usage_errors_are_one_line_like_the_others(tiny_run):
 
 
 # -- divergence, fine-tuning and resuming refuse what they would get wrong ---------------------------------------
-def _diverge_at(step: int, monkeypatch):
-    """Make the run's loss and weights non-finite from ``step`` on, as a blow-up does."""
-    original = Trainer.train_step
-
-    def step_fn(self, x, y):
-        loss = original(self, x, y)
-        if self.step + 1 >= step:
-            with torch.no_grad():
-                for p in self.model.parameters():
-                    p.fill_(float("nan"))
-            return float("nan")
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", step_fn)
-
-
-def test_a_diverged_run_keeps_only_finite_checkpoints(small_corpus, tmp_path, monkeypatch):
-    _diverge_at(15, monkeypatch)
+def test_a_diverged_run_keeps_only_finite_checkpoints(small_corpus, tmp_path, blow_up):
+    blow_up(Trainer, "model", lambda trainer: trainer.step + 1 >= 15)  # from step 15 on
     result = train(tiny_config(small_corpus, tmp_path / "run", max_steps=40))
     assert result.stop_reason == "diverged" and result.steps == 15
     for which in ("best", "last"):
@@ -569,8 +553,8 @@ def test_a_diverged_run_keeps_only_finite_checkpoints(small_corpus, tmp_path, mo
     assert "NaN" not in text and '"diverged": true' in text  # valid JSON lines
 
 
-def test_a_run_that_diverges_before_saving_leaves_nothing(small_corpus, tmp_path, monkeypatch):
-    _diverge_at(3, monkeypatch)
+def test_a_run_that_diverges_before_saving_leaves_nothing(small_corpus, tmp_path, blow_up):
+    blow_up(Trainer, "model", lambda trainer: trainer.step + 1 >= 3)  # from step 3 on
     out = run_cli("train", small_corpus, "--preset", "tiny", "--max-steps", "40", "--out", tmp_path / "run", "--quiet")
     assert_clear_error(out, "training diverged (loss is not finite) at step 3")
     assert "nothing was saved" in out.output and not (tmp_path / "run").exists()
