@@ -13,8 +13,9 @@
 
 Every request is validated against its schema (types are strict, numbers
 have ranges, texts have the configured maximum length): bad input answers
-422 with a JSON body, a request body larger than the limits allow answers
-413, and no request can take the process down. The model is loaded once
+422 with a JSON body, a body not sent as JSON (content-type:
+application/json) answers 415, a request body larger than the limits allow
+answers 413, and no request can take the process down. The model is loaded once
 and shared by all requests; the completer is thread-safe.
 """
 
@@ -38,6 +39,9 @@ log = logging.getLogger("charnn.serve")
 
 DEFAULT_MAX_TEXT_CHARS = 20_000
 DEFAULT_MAX_GENERATE_CHARS = 2_000
+BODY_ERRORS = {413: {"description": "The request body is larger than the server's limits allow."},
+               415: {"description": "The body is not sent as JSON: send it with content-type: application/json."}}
+BUSY = {503: {"description": "Every generation slot is taken: retry after the Retry-After header's seconds."}}
 DEFAULT_MAX_GENERATIONS = 4
 MAX_K = 10
 MAX_SUGGESTION_CHARS = 128
@@ -80,6 +84,10 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     from fastapi import FastAPI  # noqa: PLC0415
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse  # noqa: PLC0415
 
+    from pydantic import BaseModel, ConfigDict, Field  # noqa: PLC0415
+
+    from . import __version__  # noqa: PLC0415
+
     class SlotStream(StreamingResponse):
         """A stream that gives its generation slot back when the response ends however it ends: finished,
         or the client gone (a suspended generator is not closed then, so its own ``finally`` cannot be relied on)."""
@@ -93,9 +101,6 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
                 await super().__call__(scope, receive, send)
             finally:
                 self.release()
-    from pydantic import BaseModel, ConfigDict, Field  # noqa: PLC0415
-
-    from . import __version__  # noqa: PLC0415
 
     if max_text_chars < 1 or max_generate_chars < 1 or max_generations < 1:
         raise CharnnError("--max-text-chars, --max-generate-chars and --max-generations must be positive")
@@ -167,7 +172,7 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
             "max_text_chars": max_text_chars, "max_generate_chars": max_generate_chars, "max_k": MAX_K,
             "max_suggestion_chars": MAX_SUGGESTION_CHARS, "modes": list(MODES)}}
 
-    @app.post("/v1/complete", response_model=CompleteResponse)
+    @app.post("/v1/complete", response_model=CompleteResponse, responses=BODY_ERRORS)
     def complete(req: CompleteRequest):
         t0 = time.perf_counter()
         found = completer.suggest(req.text, k=req.k, mode=req.mode, max_chars=req.max_chars)
@@ -192,7 +197,7 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     async def busy(request, exc: Busy):
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses={503: {"description": "Too many at once."}})
+    @app.post("/v1/generate", response_model=GenerateResponse, responses={**BODY_ERRORS, **BUSY})
     def generate(req: GenerateRequest):
         t0 = time.perf_counter()
         with slot():
@@ -201,7 +206,8 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
 
     @app.post("/v1/generate/stream", response_class=StreamingResponse,
               responses={200: {"content": {"text/event-stream": {}},
-                               "description": 'Server-sent events: `data: {"text": CHUNK}` per chunk, then `event: end`.'}})
+                               "description": 'Server-sent events: `data: {"text": CHUNK}` per chunk, then `event: end`.'},
+                         **BODY_ERRORS, **BUSY})
     def generate_stream(req: GenerateRequest):
         release = take_slot()  # held until the stream ends, or until it is dropped before it starts
         try:
@@ -214,7 +220,7 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         return SlotStream(events, release, media_type="text/event-stream",
                           headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/score")
+    @app.post("/v1/score", responses={**BODY_ERRORS, **BUSY})
     def score(req: ScoreRequest) -> dict:
         """Bits per character of ``text`` (after a newline) and every character's log-probability (nats)."""
         with slot():
@@ -291,6 +297,9 @@ def _install_error_handlers(app, JSONResponse) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
+        if request.method == "POST" and not _is_json(request.headers.get("content-type", "")):
+            return JSONResponse({"detail": "the request body must be JSON: send it with content-type: application/json"},
+                                status_code=415)
         # FastAPI's own handler echoes the input back, which cannot be encoded when it is NaN or infinite
         detail = [{"type": e.get("type"), "loc": [str(part) for part in e.get("loc", ())], "msg": e.get("msg")}
                   for e in exc.errors()]
@@ -304,6 +313,12 @@ def _install_error_handlers(app, JSONResponse) -> None:
     async def unexpected(request, exc: Exception):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether a content-type header names JSON (application/json, or a +json type), whatever its parameters."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 class BodyLimit:

@@ -106,6 +106,10 @@ def test_openapi_schema_and_page(client):
     schema = client.get("/openapi.json").json()
     for path in ("/v1/complete", "/v1/generate", "/v1/generate/stream", "/v1/score", "/v1/model", "/healthz"):
         assert path in schema["paths"], path
+    for path in ("/v1/complete", "/v1/generate", "/v1/generate/stream", "/v1/score"):
+        documented = schema["paths"][path]["post"]["responses"]
+        assert {"200", "413", "415", "422"} <= set(documented), (path, sorted(documented))
+        assert ("503" in documented) == (path != "/v1/complete"), path  # completions never wait for a slot
     props = schema["components"]["schemas"]["CompleteRequest"]["properties"]
     assert props["text"]["maxLength"] == MAX_TEXT and props["k"]["maximum"] == 10
     page = client.get("/")
@@ -158,6 +162,22 @@ def test_malformed_bodies_answer_422(client, raw):
     for path in ("/v1/complete", "/v1/generate"):
         r = client.post(path, content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 422, (path, raw, r.text)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_sent_as_json_answers_415_naming_the_header(client, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/v1/complete", "/v1/generate", "/v1/generate/stream", "/v1/score"):
+        r = client.post(path, content=b'{"text": "a"}' if content_type != "application/x-www-form-urlencoded" else b"text=a",
+                        headers=headers)
+        assert r.status_code == 415, (path, r.status_code, r.text)
+        assert "content-type: application/json" in r.json()["detail"]
+
+
+def test_a_json_body_with_charset_or_a_json_suffix_is_read(client):
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        r = client.post("/v1/complete", content=b'{"text": "The "}', headers={"content-type": content_type})
+        assert r.status_code == 200, (content_type, r.text)
 
 
 def test_generate_temperature_nan_is_refused(client):
