@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -100,6 +101,12 @@ class TrainConfig:
     log_every: int = 10
     quiet: bool = False
 
+    def __post_init__(self):
+        # From Python: one path may stand for a list of one (a str is not iterated as one-character paths), and
+        # pathlib paths become the strings a run's JSON config stores.
+        self.corpus = as_path_list(self.corpus)
+        self.out, self.init_from = as_path(self.out), as_path(self.init_from)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -107,6 +114,20 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def as_path(value):
+    """A pathlib (os.PathLike) path as the string a JSON config stores; anything else unchanged."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def as_path_list(value) -> list:
+    """Paths as a list of strings: one path (str or os.PathLike) is a list of one; None is empty."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    return [as_path(p) for p in value]
 
 
 class TrainingInterrupted(Exception):

@@ -638,3 +638,16 @@ def test_resume_names_the_limit_that_was_reached_and_checks_grad_accum(small_cor
     out = run_cli("train", "--resume", run, "--no-tie-weights", "--max-steps", "20")
     assert_clear_error(out, "--no-tie-weights: a resumed run keeps its own settings (it takes only ")
     assert "--max-steps" in out.output and "--grad-accum" in out.output and "--json" in out.output
+
+
+def test_python_callers_may_pass_one_corpus_path_and_pathlib_paths(small_corpus, tmp_path, tiny_run):
+    """corpus="file.txt" is one file (it was read as a list of one-character paths: "/" walked the whole disk),
+    and pathlib paths for corpus, out and init_from are stored in the run's JSON as strings (they failed to save)."""
+    cfg = TrainConfig(corpus=small_corpus, preset="tiny", out=tmp_path / "one", quiet=True, max_steps=2)
+    assert cfg.corpus == [str(small_corpus)] and cfg.out == str(tmp_path / "one")
+    result = train(cfg)
+    assert result.run_dir == tmp_path / "one" and result.run_dir.name == "one"
+    saved = ckpt.load_checkpoint(result.run_dir).config["training"]
+    assert saved["corpus"] == [str(small_corpus)]
+    result = train(TrainConfig(corpus=[small_corpus], init_from=tiny_run, out=tmp_path / "ft", quiet=True, max_steps=2))
+    assert ckpt.load_checkpoint(result.run_dir).config["training"]["init_from"] == str(tiny_run)
