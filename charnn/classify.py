@@ -51,7 +51,7 @@ from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, make_optimizer
+from .training import OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, make_optimizer
 from .vocab import Vocabulary
 
 KIND = "classifier"
@@ -698,6 +698,9 @@ class ClassifyConfig:
     out: str | None = None
     log_every: int = 10
     quiet: bool = True
+
+    def __post_init__(self):
+        self.out, self.init_from = as_path(self.out), as_path(self.init_from)  # pathlib paths: the strings JSON stores
 
     def to_dict(self) -> dict:
         return asdict(self)

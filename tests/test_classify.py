@@ -738,3 +738,14 @@ def test_a_finished_linear_probe_is_not_fitted_again(tiny_run, order_data, tmp_p
     out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "probe")])
     assert out.exit_code == 2 and "is finished (linear-probe)" in out.output
     assert (tmp_path / "probe" / "metrics.jsonl").read_text() == metrics
+
+
+def test_pathlib_paths_for_out_and_init_from(tiny_run, tmp_path):
+    """A pathlib ``out`` or ``init_from`` is written to the run's JSON as a string (it failed with 'Object of type
+    PosixPath is not JSON serializable' after training); the estimator's parameters keep what was passed."""
+    texts, labels = order_task(20, 0)
+    clf = TextClassifier(**{**FAST, "max_epochs": 1}, out=tmp_path / "run")
+    assert clf.fit(texts, labels).run_dir_ == tmp_path / "run" and clf.get_params()["out"] == tmp_path / "run"
+    tuned = TextClassifier(**{**FAST, "max_epochs": 1}, init_from=Path(tiny_run)).fit(texts, labels)
+    tuned.save(tmp_path / "saved")
+    assert TextClassifier.load(tmp_path / "saved").init_from == str(tiny_run)
