@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 TRAIN_TENSORS, TRAIN_JSON = "train_state.safetensors", "train_state.json"
 METRICS = "metrics.jsonl"
+RUN_CHECKPOINTS = ("best", "last", ".best.old", ".last.old")  # a run directory's checkpoints
 CHECKPOINT_FILES = frozenset({WEIGHTS, CONFIG, VOCAB, TRAIN_TENSORS, TRAIN_JSON})
 # The command that trains (and resumes) a run of each checkpoint kind.
 RESUME_COMMANDS = {"language-model": "charnn train", "classifier": "charnn classify train"}

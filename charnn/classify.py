@@ -1462,7 +1462,8 @@ class TextClassifier(_Params):
     0/1 matrix), and ``predict`` returns a 0/1 matrix over ``classes_``.
 
     Fitted attributes: ``classes_``, ``vocab_``, ``net_``, ``result_`` (a
-    :class:`ClassifyResult`), ``run_dir_`` (None unless ``out`` was given).
+    :class:`ClassifyResult`), ``run_dir_`` (the run directory: ``out``, or the run a loaded checkpoint
+    belongs to; None otherwise).
     """
 
     def __init__(self, *, cell="lstm", layers=1, hidden=256, embed_dim=64, dropout=0.0, embed_dropout=0.0,
@@ -1568,7 +1569,7 @@ class TextClassifier(_Params):
         clf.set_params(device=device)
         config = {k: v for k, v in ck.config.items() if k not in ("format", "format_version", "saved_at")}
         clf._adopt(net, ck.vocab, ck.config["classifier"]["classes"], config, next(net.parameters()).device, "fp32")
-        clf.run_dir_ = ck.path.parent
+        clf.run_dir_ = ck.path.parent if ck.path.name in ckpt.RUN_CHECKPOINTS else None  # else a save()d checkpoint
         return clf
 
 

@@ -344,6 +344,17 @@ def test_save_and_load_give_identical_predictions(order_clf, order_data, tmp_pat
     assert loaded.get_params()["hidden"] == 32
 
 
+def test_a_saved_checkpoint_is_not_mistaken_for_a_run(order_clf, cli_run, tmp_path):
+    """run_dir_ of a checkpoint saved with save() was its parent folder, which predict --json and eval reported
+    as the checkpoint; it is None, and the CLI names the checkpoint it was given."""
+    run, _, _ = cli_run
+    assert TextClassifier.load(run).run_dir_ == run and TextClassifier.load(run / "last").run_dir_ == run
+    saved = order_clf.save(tmp_path / "models" / "order")
+    assert TextClassifier.load(saved).run_dir_ is None
+    out = CliRunner().invoke(main, ["classify", "predict", str(saved), "--json", "xaby"])
+    assert out.exit_code == 0 and json.loads(out.output)["checkpoint"] == str(saved)
+
+
 def test_eval_writes_a_confusion_matrix_png(cli_run, tmp_path):
     pytest.importorskip("matplotlib")
     run, test_file, _ = cli_run

@@ -205,7 +205,7 @@ def predict_cmd(checkpoint, texts, file, encoding, top, last, device, as_json):
         rows.append({"text": text, "label": label, "probability": [float(p[i]) for i in chosen] if multi else float(p[chosen[0]]),
                      "probabilities": {str(c): float(v) for c, v in zip(classes, p)}})
     if as_json:
-        click.echo(json.dumps({"checkpoint": str(clf.run_dir_), "multi_label": multi, "predictions": rows}, ensure_ascii=False))
+        click.echo(json.dumps({"checkpoint": str(clf.run_dir_ or checkpoint), "multi_label": multi, "predictions": rows}, ensure_ascii=False))
         return
     for row, p in zip(rows, proba):
         order = p.argsort()[::-1][:top]
@@ -239,13 +239,13 @@ def eval_cmd(checkpoint, data, text_col, label_col, label_sep, encoding, last, d
                              label_sep=label_sep or trained.get("label_sep", "|"),
                              multi_label=clf._multi_label(), encoding=encoding)
     report = clf.evaluate(labelled.texts, labelled.labels)
-    report = {"checkpoint": str(clf.run_dir_), "data": str(data), **report}
+    report = {"checkpoint": str(clf.run_dir_ or checkpoint), "data": str(data), **report}
     if plot_path:
         report["plot"] = str(plot_confusion_matrix(report, plot_path))
     if as_json:
         click.echo(json.dumps(report, ensure_ascii=False))
         return
-    click.echo(f"{clf.run_dir_} on {data}")
+    click.echo(f"{clf.run_dir_ or checkpoint} on {data}")
     click.echo(format_report(report))
     if plot_path:
         _echo(f"wrote {report['plot']}")
