@@ -282,8 +282,9 @@ def _sort_key(value):
 
 
 def _class_array(values: list) -> np.ndarray:
+    """The labels as an array: typed when that keeps every label as it is, else of objects ([1, 'a'] stays so)."""
     arr = np.array(values)
-    return arr if arr.dtype.kind in "biufUS" else np.array(values, dtype=object)
+    return arr if arr.dtype.kind in "biufUS" and arr.tolist() == values else np.array(values, dtype=object)
 
 
 def _check_known(seen: list, classes: np.ndarray, wording: tuple[str, str]) -> None:
@@ -830,7 +831,7 @@ class ClassifierTrainer(BudgetClock):
             raise InvalidInput("no training texts; pass at least one example of each of two classes")
         if len(texts) != len(labels):
             raise InvalidInput(f"{len(texts)} texts but {len(labels)} labels; give one label (set) per text")
-        known = np.asarray(resume_from.config["classifier"]["classes"]) if resume_from else None
+        known = _class_array(resume_from.config["classifier"]["classes"]) if resume_from else None
         self.classes, y = encode_labels(labels, cfg.multi_label, known)
         if len(self.classes) < 2:
             raise InvalidInput(f"the training data has a single class ({_py(self.classes[0])!r}); "
@@ -1502,7 +1503,8 @@ class TextClassifier(_Params):
         return self
 
     def _adopt(self, net, vocab, classes, config: dict, device, precision) -> None:
-        self.net_, self.vocab_, self.classes_ = net.eval(), vocab, np.asarray(classes)
+        self.net_, self.vocab_ = net.eval(), vocab
+        self.classes_ = classes if isinstance(classes, np.ndarray) else _class_array(list(classes))
         self.checkpoint_config_ = config
         self.device_, self.precision_ = device, precision
         self.n_classes_ = len(self.classes_)

@@ -615,9 +615,25 @@ def test_encode_labels_keeps_label_types():
     assert classes.tolist() == [1, 3] and y.tolist() == [1, 0, 1]
     classes, y = encode_labels(np.array([[1, 0], [1, 1]]), multi_label=True)
     assert classes.tolist() == [0, 1] and y.tolist() == [[1, 0], [1, 1]]
+    # labels of mixed types keep their types (np.array made [1, 'a'] the strings ['1', 'a'], so fit refused its
+    # own label 1 as 'not trained on')
+    classes, y = encode_labels([1, "a", 1], multi_label=False)
+    assert classes.tolist() == [1, "a"] and y.tolist() == [0, 1, 0]
+    classes, y = encode_labels([(1, "a"), ("a",)], multi_label=True)
+    assert classes.tolist() == [1, "a"] and y.tolist() == [[1, 1], [0, 1]]
 
 
 # -- scikit-learn conventions -----------------------------------------------------------------------------------------
+def test_labels_of_mixed_types_fit_predict_and_round_trip(tmp_path):
+    texts, labels = order_task(20, 0)
+    labels = [1 if label == "xy" else "yx" for label in labels]
+    clf = TextClassifier(**{**FAST, "max_epochs": 1}).fit(texts, labels)
+    assert clf.classes_.tolist() == [1, "yx"] and set(clf.predict(texts).tolist()) <= {1, "yx"}
+    loaded = TextClassifier.load(clf.save(tmp_path / "mixed"))
+    assert loaded.classes_.tolist() == [1, "yx"] and loaded.predict(texts).tolist() == clf.predict(texts).tolist()
+    assert loaded.score(texts, labels) == clf.score(texts, labels)
+
+
 def test_params_mirror_the_config():
     assert set(TextClassifier().get_params()) == set(ClassifyConfig().to_dict()) - {"member"}
     assert TextClassifier().config() == ClassifyConfig()
