@@ -1551,6 +1551,7 @@ class TextClassifier(_Params):
 
     def labels_of(self, indicator: np.ndarray) -> list[tuple]:
         """Multi-label predictions (0/1 rows) as tuples of class labels."""
+        self._check_fitted()
         return [tuple(_py(c) for c in self.classes_[np.nonzero(row)[0]]) for row in np.asarray(indicator)]
 
     def _multi_label(self) -> bool:

@@ -667,6 +667,8 @@ def test_estimator_behaves_like_a_scikit_learn_classifier(order_clf, order_data)
     (texts, labels), (test_texts, _) = order_data
     with pytest.raises(NotFittedError):
         TextClassifier().predict(["abc"])
+    with pytest.raises(NotFittedError):  # it was an AttributeError naming classes_
+        TextClassifier().labels_of(np.zeros((1, 2)))
     assert isinstance(NotFittedError("x"), (ValueError, AttributeError))
     params = TextClassifier(**FAST).get_params()
     est = TextClassifier(**FAST)
