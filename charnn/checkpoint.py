@@ -255,6 +255,8 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root: str | Path = DEFAULT_ROOT) -> Path:
     """Turn a run directory, a checkpoint directory or None (latest run) into a checkpoint directory."""
+    if which not in ("best", "last"):
+        raise CharnnError(f"which must be 'best' or 'last', got {which!r}")
     if path is None:
         path = latest_run(root)
     p = Path(path)

@@ -426,6 +426,15 @@ def test_score_and_next_char_probs(lm):
     assert probs[text[8]] == pytest.approx(np.exp(lm.score(text[8], context="The valu").total_logprob), rel=1e-5)
 
 
+def test_load_refuses_an_unknown_which(tiny_run):
+    """which="lats" loaded the best model without a word; only best and last exist."""
+    import charnn
+
+    with pytest.raises(CharnnError, match="which must be 'best' or 'last', got 'lats'"):
+        charnn.load(tiny_run, which="lats")
+    assert charnn.load(tiny_run, which="last").checkpoint_path == tiny_run / "last"
+
+
 def test_unknown_seed_characters_warn_or_fail(lm):
     from charnn.sampling import UnknownCharacterWarning
 
