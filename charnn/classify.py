@@ -51,7 +51,8 @@ from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, make_optimizer
+from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, check_types,
+                       make_optimizer)
 from .vocab import Vocabulary
 
 KIND = "classifier"
@@ -722,6 +723,7 @@ class ClassifyConfig:
         return (FINE_TUNE_LR_DECAY if self.fine_tuning else 1.0) if self.layer_lr_decay is None else self.layer_lr_decay
 
     def validate(self) -> None:
+        check_types(self)
         checks = [
             (self.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}"),
             (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),

@@ -130,6 +130,29 @@ def as_path_list(value) -> list:
     return [as_path(p) for p in value]
 
 
+def check_types(cfg) -> None:
+    """A config dataclass's bool, int and float settings (numpy scalars included; None where the field allows it)
+    have those types, or a CharnnError names the field. Only Python callers can get these wrong: the CLI's options
+    are typed, and a wrong type failed later as a TypeError or, for a truthy string such as "no", switched an
+    option on."""
+    for f in fields(cfg):
+        value, kinds = getattr(cfg, f.name), set(str(f.type).replace(" ", "").split("|"))
+        if value is None and "None" in kinds:
+            continue
+        is_bool = isinstance(value, (bool, np.bool_))
+        if "bool" in kinds:
+            ok, want = is_bool, "True or False"
+        elif "int" in kinds:
+            ok, want = isinstance(value, (int, np.integer)) and not is_bool, "an integer"
+        elif "float" in kinds:
+            ok, want = isinstance(value, (int, float, np.integer, np.floating)) and not is_bool, "a number"
+        else:
+            continue
+        if not ok:
+            want += " of seconds" if f.name == "time_budget" else ""
+            raise CharnnError(f"{f.name} must be {want}, got {value!r}")
+
+
 class TrainingInterrupted(Exception):
     """Raised after Ctrl-C or SIGTERM once a resumable checkpoint is written."""
 
@@ -353,6 +376,7 @@ class Trainer(BudgetClock):
 
     def __init__(self, cfg: TrainConfig, *, resume_from: ckpt.Checkpoint | None = None,
                  on_log: Callable[[dict], None] | None = None):
+        check_types(cfg)
         self.dist = init_from_env(cfg.device)
         self.device = self.dist.device(cfg.device)
         self.given = {n: getattr(cfg, n) for n in MODEL_FIELDS if getattr(cfg, n) is not None}  # before the presets

@@ -778,3 +778,19 @@ def test_pathlib_paths_for_out_and_init_from(tiny_run, tmp_path):
     tuned = TextClassifier(**{**FAST, "max_epochs": 1}, init_from=Path(tiny_run)).fit(texts, labels)
     tuned.save(tmp_path / "saved")
     assert TextClassifier.load(tmp_path / "saved").init_from == str(tiny_run)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"multi_label": "no"}, "multi_label must be True or False, got 'no'"),  # a truthy string trained multi-label
+    ({"balance": "yes"}, "balance must be True or False, got 'yes'"),
+    ({"batch_size": 16.0}, "batch_size must be an integer, got 16.0"),  # a TypeError from deep in the batching
+    ({"hidden": 2.5}, "hidden must be an integer, got 2.5"),
+    ({"lr": "0.01"}, "lr must be a number, got '0.01'"),
+    ({"time_budget": "10m"}, "time_budget must be a number of seconds, got '10m'"),
+    ({"seed": "a"}, "seed must be an integer, got 'a'"),
+])
+def test_parameters_of_the_wrong_type_are_clear_errors(params, message):
+    texts, labels = order_task(10, 0)
+    with pytest.raises(CharnnError, match=message):
+        TextClassifier(**{**FAST, **params}).fit(texts, labels)
+    ClassifyConfig(hidden=np.int64(8), lr=np.float32(0.01), max_epochs=2, multi_label=np.bool_(False)).validate()

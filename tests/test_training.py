@@ -651,3 +651,15 @@ def test_python_callers_may_pass_one_corpus_path_and_pathlib_paths(small_corpus,
     assert saved["corpus"] == [str(small_corpus)]
     result = train(TrainConfig(corpus=[small_corpus], init_from=tiny_run, out=tmp_path / "ft", quiet=True, max_steps=2))
     assert ckpt.load_checkpoint(result.run_dir).config["training"]["init_from"] == str(tiny_run)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"time_budget": "10m"}, "time_budget must be a number of seconds, got '10m'"),
+    ({"batch_size": 4.0}, "batch_size must be an integer, got 4.0"),  # it left an empty run directory behind
+    ({"lr": "0.01"}, "lr must be a number, got '0.01'"),
+    ({"layer_norm": "no"}, "layer_norm must be True or False, got 'no'"),  # a truthy string turned it on
+])
+def test_settings_of_the_wrong_type_are_clear_errors(small_corpus, tmp_path, settings, message):
+    with pytest.raises(CharnnError, match=message):
+        train(tiny_config(small_corpus, tmp_path / "never", max_steps=2, **settings))
+    assert not (tmp_path / "never").exists()
