@@ -833,6 +833,9 @@ class ClassifierTrainer(BudgetClock):
             raise InvalidInput("no training texts; pass at least one example of each of two classes")
         if len(texts) != len(labels):
             raise InvalidInput(f"{len(texts)} texts but {len(labels)} labels; give one label (set) per text")
+        if (val_texts is None) != (val_labels is None):
+            raise InvalidInput("give val_texts and val_labels together (one label per validation text), or neither "
+                               "to validate on a stratified split of the training data")
         known = _class_array(resume_from.config["classifier"]["classes"]) if resume_from else None
         self.classes, y = encode_labels(labels, cfg.multi_label, known)
         if len(self.classes) < 2:

@@ -557,6 +557,14 @@ def test_labels_unseen_in_training_are_refused_at_eval(cli_run, order_data, tmp_
     assert "(the training labels, 2: 'xy', 'yx')" in out.output  # in order, whatever the hash seed
 
 
+def test_validation_texts_and_labels_come_together(order_data):
+    """val_texts without val_labels was a TypeError ('NoneType' has no len()); val_labels alone were ignored."""
+    (texts, labels), (test_texts, test_labels) = order_data
+    for val_texts, val_labels in ((test_texts, None), (None, test_labels)):
+        with pytest.raises(CharnnError, match="give val_texts and val_labels together"):
+            TextClassifier(**FAST).fit(texts, labels, val_texts=val_texts, val_labels=val_labels)
+
+
 def test_validation_labels_unseen_in_training_are_refused(order_data):
     (texts, labels), _ = order_data
     with pytest.raises(CharnnError, match="validation labels that the training data lacks: 'new'.*every --val label"):
