@@ -142,6 +142,16 @@ def _bounded_int(name: str, value, most: int) -> int:
     return value
 
 
+def _is_int(value) -> bool:
+    """An integer of any integral type but bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    """A real number of any type but bool."""
+    return _is_int(value) or isinstance(value, (float, np.floating))
+
+
 class StateCache:
     """A bounded LRU map from a text to the model's (state, next-char logits) after reading it."""
 
@@ -243,10 +253,14 @@ class Completer:
                  length_penalty: float = 0.5, context_chars: int = 1024, cache_size: int = 512,
                  checkpoint_every: int = 64):
         checks = [
-            (beam_width >= 1, f"beam_width must be at least 1, got {beam_width}"),
-            (length_penalty >= 0, f"length_penalty must be 0 or more, got {length_penalty}"),
-            (context_chars >= 2, f"context_chars must be at least 2, got {context_chars}"),
-            (checkpoint_every >= 1, f"checkpoint_every must be at least 1, got {checkpoint_every}"),
+            (_is_int(beam_width) and beam_width >= 1, f"beam_width must be an integer of at least 1, got {beam_width!r}"),
+            (_is_real(length_penalty) and length_penalty >= 0,
+             f"length_penalty must be a number of 0 or more, got {length_penalty!r}"),
+            (_is_int(context_chars) and context_chars >= 2,
+             f"context_chars must be an integer of at least 2, got {context_chars!r}"),
+            (_is_int(cache_size) and cache_size >= 1, f"cache_size must be an integer of at least 1, got {cache_size!r}"),
+            (_is_int(checkpoint_every) and checkpoint_every >= 1,
+             f"checkpoint_every must be an integer of at least 1, got {checkpoint_every!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -319,6 +333,8 @@ class Completer:
 
     def next_char_probs(self, text: str) -> torch.Tensor:
         """The model's distribution (vocab_size,) over the character after ``text``."""
+        if not isinstance(text, str):
+            raise CharnnError(f"text must be a string, got {type(text).__name__}")
         _, logits = self._read(self._window(text))
         return torch.softmax(logits[0].float(), -1)
 

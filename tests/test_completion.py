@@ -169,6 +169,18 @@ def test_bad_construction_raises_charnn_errors(tiny_run, lm):
     with pytest.raises(CharnnError, match="checkpoint path or a trained model"):
         Completer(42)
     assert Completer(lm[0], vocab=lm[1]).suggest("The inte", k=1)
+    # settings of the wrong type are refused at construction (beam_width=2.5 constructed, then every suggest
+    # failed with 'Partition index must be integer'; cache_size=2.5 and context_chars=100.5 were taken)
+    for settings, message in ((dict(beam_width=2.5), "beam_width must be an integer of at least 1, got 2.5"),
+                              (dict(beam_width="8"), "beam_width must be an integer of at least 1, got '8'"),
+                              (dict(length_penalty="0.5"), "length_penalty must be a number of 0 or more, got '0.5'"),
+                              (dict(cache_size=2.5), "cache_size must be an integer of at least 1, got 2.5"),
+                              (dict(context_chars=100.5), "context_chars must be an integer of at least 2, got 100.5"),
+                              (dict(checkpoint_every=1.5), "checkpoint_every must be an integer of at least 1, got 1.5")):
+        with pytest.raises(CharnnError, match=re.escape(message)):
+            Completer(lm[0], vocab=lm[1], **settings)
+    with pytest.raises(CharnnError, match="text must be a string, got int"):  # it was a TypeError about len()
+        Completer(lm[0], vocab=lm[1]).next_char_probs(5)
 
 
 # -- incremental state -----------------------------------------------------------------------
