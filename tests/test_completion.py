@@ -310,6 +310,17 @@ def test_eval_complete_cli_prints_one_json_object(tiny_run, small_corpus, tmp_pa
     assert missing.exit_code == 2 and "error:" in missing.output
 
 
+def test_eval_complete_json_interrupted_prints_one_json_object(tiny_run, small_corpus, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("charnn.completion_eval.evaluate_completion", ctrl_c)
+    result = CliRunner().invoke(main, ["eval-complete", str(tiny_run), str(small_corpus), "--json", "-q"])
+    assert result.exit_code == 130, result.output
+    assert json.loads(result.stdout) == {"interrupted": True, "checkpoint": str(tiny_run), "file": str(small_corpus)}
+    assert "interrupted" in result.stderr and "Aborted" not in result.output
+
+
 # -- the terminal command ----------------------------------------------------------------------
 def _console_script() -> str:
     script = Path(sys.executable).with_name("charnn")

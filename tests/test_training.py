@@ -303,6 +303,17 @@ def test_eval_and_info_json(tiny_run, small_corpus):
     assert info["history"]["evaluations"]
 
 
+def test_eval_json_interrupted_prints_one_json_object(tiny_run, small_corpus, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("charnn.training.evaluate", ctrl_c)
+    result = run_cli("eval", tiny_run, small_corpus, "--json")
+    assert result.exit_code == 130, result.output
+    assert json.loads(result.stdout) == {"interrupted": True, "checkpoint": str(tiny_run), "files": [str(small_corpus)]}
+    assert "interrupted" in result.stderr and "Traceback" not in result.output and "Aborted" not in result.output
+
+
 def test_plot_writes_a_png(tiny_run, tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
     out = tmp_path / "curves.png"

@@ -6,6 +6,8 @@ Each command group lives in its own module; errors meant for the user
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 
 import click
@@ -47,6 +49,19 @@ class CharnnGroup(click.Group):
             sys.exit(e.exit_code)
         except click.UsageError as e:
             raise _one_line(e) from None
+
+
+@contextlib.contextmanager
+def reports_interruption(as_json: bool, **fields):
+    """Ctrl-C inside the block: one line on stderr and exit 130 (not click's "Aborted!" and 1); with ``as_json``
+    also one JSON object on stdout, ``{"interrupted": true, **fields}``, so a script reading stdout still gets one."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted (Ctrl-C); nothing was measured", err=True)
+        if as_json:
+            click.echo(json.dumps({"interrupted": True, **fields}, ensure_ascii=False))
+        sys.exit(130)
 
 
 @click.group(cls=CharnnGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import CharnnError
-from . import main
+from . import main, reports_interruption
 
 MODE = click.Choice(["word", "phrase", "line"])
 
@@ -184,15 +184,16 @@ def eval_complete_cmd(checkpoint, file, k, mode, max_chars, limit, train_text, n
     from ..completion_eval import DictionaryCompleter, evaluate_completion, training_text
     from ..data import read_text
 
-    completer, ck = _completer(checkpoint, last, device, beam_width=beam_width, length_penalty=length_penalty)
-    doc = read_text(Path(file), encoding)[:limit]
-    dictionary = None
-    if not no_baseline and mode == "word":
-        source = read_text(Path(train_text), encoding) if train_text else training_text(ck.config)
-        dictionary = DictionaryCompleter(source)
-    report = {"checkpoint": str(ck.path), "file": file,
-              **evaluate_completion(completer, doc, k=k, mode=mode, max_chars=max_chars, dictionary=dictionary,
-                                    progress=not quiet)}
+    with reports_interruption(as_json, checkpoint=str(checkpoint), file=file):
+        completer, ck = _completer(checkpoint, last, device, beam_width=beam_width, length_penalty=length_penalty)
+        doc = read_text(Path(file), encoding)[:limit]
+        dictionary = None
+        if not no_baseline and mode == "word":
+            source = read_text(Path(train_text), encoding) if train_text else training_text(ck.config)
+            dictionary = DictionaryCompleter(source)
+        report = {"checkpoint": str(ck.path), "file": file,
+                  **evaluate_completion(completer, doc, k=k, mode=mode, max_chars=max_chars, dictionary=dictionary,
+                                        progress=not quiet)}
     if as_json:
         click.echo(json.dumps(report))
         return

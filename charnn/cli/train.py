@@ -10,7 +10,7 @@ from dataclasses import asdict
 import click
 
 from ..errors import CharnnError
-from . import main
+from . import main, reports_interruption
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)
 
@@ -196,14 +196,15 @@ def eval_cmd(checkpoint, files, encoding, glob, last, device, as_json):
     from ..training import evaluate
     from ..lm import load_language_model
 
-    dev = pick_device(device)
-    model, ck = load_language_model(checkpoint, which="last" if last else "best", device=dev)
-    text = read_corpus_text(files, glob, encoding)
-    ids = ck.vocab.encode(text)
-    if len(ids) < 2:
-        raise CharnnError(f"{', '.join(files)} hold{'s' if len(files) == 1 else ''} {len(ids)} character(s); scoring "
-                          "needs at least 2 (each character after the first is predicted)")
-    nats, count = evaluate(model, ids, device=dev)
+    with reports_interruption(as_json, checkpoint=str(checkpoint), files=list(files)):
+        dev = pick_device(device)
+        model, ck = load_language_model(checkpoint, which="last" if last else "best", device=dev)
+        text = read_corpus_text(files, glob, encoding)
+        ids = ck.vocab.encode(text)
+        if len(ids) < 2:
+            raise CharnnError(f"{', '.join(files)} hold{'s' if len(files) == 1 else ''} {len(ids)} character(s); "
+                              "scoring needs at least 2 (each character after the first is predicted)")
+        nats, count = evaluate(model, ids, device=dev)
     unknown = int((ids == 0).sum())
     report = {"checkpoint": str(ck.path), "files": list(files), "chars": len(text), "scored_chars": count,
               "unknown_chars": unknown, "bpc": bits_per_char(nats), "nats_per_char": nats,
