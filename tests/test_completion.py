@@ -321,6 +321,17 @@ def test_eval_complete_json_interrupted_prints_one_json_object(tiny_run, small_c
     assert "interrupted" in result.stderr and "Aborted" not in result.output
 
 
+def test_complete_refuses_stdin_that_is_not_utf8(tiny_run):
+    for args in (["--json"], []):
+        result = CliRunner().invoke(main, ["complete", str(tiny_run), *args], input=b"caf\xe9 au lait\n")
+        assert result.exit_code == 2, result.output
+        assert result.stdout == "" and "Traceback" not in result.output
+        assert result.stderr.startswith("error: standard input is not valid UTF-8 (byte 3")
+        assert result.stderr.count("\n") == 1
+    ok = CliRunner().invoke(main, ["complete", str(tiny_run), "--json"], input="caf\u00e9\n".encode())
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["inputs"][0]["text"] == "caf\u00e9"
+
+
 # -- the terminal command ----------------------------------------------------------------------
 def _console_script() -> str:
     script = Path(sys.executable).with_name("charnn")

@@ -51,7 +51,7 @@ def complete_cmd(checkpoint, k, mode, max_chars, last, device, as_json):
     if sys.stdin.isatty() and sys.stdout.isatty() and not as_json:
         interactive(completer, k=k, mode=mode, max_chars=max_chars)
         return
-    lines = sys.stdin.read().splitlines()
+    lines = _read_stdin().splitlines()
     if not lines:
         raise CharnnError("no text on standard input; pipe some in, e.g. echo 'To be or' | charnn complete")
     results = [(line, completer.suggest(line, k=k, mode=mode, max_chars=max_chars)) for line in lines]
@@ -64,6 +64,17 @@ def complete_cmd(checkpoint, k, mode, max_chars, last, device, as_json):
             click.echo(f"> {line}")
         for s in found:
             click.echo(_suggestion_line(s))
+
+
+def _read_stdin() -> str:
+    """Standard input as UTF-8 text; undecodable bytes are one error line (not a traceback under a UTF-8 locale,
+    nor raw bytes echoed into the JSON under the C locale's surrogateescape)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CharnnError(f"standard input is not valid UTF-8 (byte {e.start}: {e.reason}); convert it first, "
+                          "e.g. iconv -f latin1 -t utf-8 notes.txt | charnn complete") from None
 
 
 def interactive(completer, *, k: int = 3, mode: str = "word", max_chars: int = 32, input=None, output=None) -> str:
