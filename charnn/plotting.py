@@ -31,8 +31,9 @@ def plot_curves(run_dir: str | Path, output: str | Path | None = None) -> Path:
     if ckpt.run_kind(run_dir) == "classifier":
         return _plot_classifier(run_dir, output)
     records = ckpt.read_metrics(run_dir)
-    train = [(r["step"], bits_per_char(r["train_loss"])) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_bpc"]) for r in records if "val_bpc" in r]
+    # a diverged run logs its non-finite losses as null: nothing to draw for them
+    train = [(r["step"], bits_per_char(r["train_loss"])) for r in records if r.get("train_loss") is not None]
+    val = [(r["step"], r["val_bpc"]) for r in records if r.get("val_bpc") is not None]
     if not train and not val:
         raise CharnnError(f"{run_dir} has no metrics to plot; train for at least a few steps first")
     plt = require_matplotlib()
@@ -54,8 +55,9 @@ def _plot_classifier(run_dir: Path, output: str | Path | None) -> Path:
     members = sorted((d for d in run_dir.glob("member-*") if d.is_dir() and d.name[7:].isdigit()),
                      key=lambda d: int(d.name[7:]))
     sources = [(f"member {d.name[7:]} ", ckpt.read_metrics(d)) for d in members] if members else [("", ckpt.read_metrics(run_dir))]
-    curves = [(name, [(r["step"], r["train_loss"]) for r in records if "train_loss" in r],
-               [(r["step"], r["val_macro_f1"]) for r in records if "val_macro_f1" in r]) for name, records in sources]
+    curves = [(name, [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None],
+               [(r["step"], r["val_macro_f1"]) for r in records if r.get("val_macro_f1") is not None])
+              for name, records in sources]
     if not any(train or val for _, train, val in curves):
         raise CharnnError(f"{run_dir} has no metrics to plot; train for at least a few steps first")
     plt = require_matplotlib()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -562,6 +563,23 @@ def test_a_diverged_run_keeps_only_finite_checkpoints(small_corpus, tmp_path, bl
         assert ck.config["summary"]["step"] == 10  # the evaluation before the blow-up
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "NaN" not in text and '"diverged": true' in text  # valid JSON lines
+
+
+def test_info_and_plot_describe_a_diverged_run(small_corpus, tmp_path, blow_up, monkeypatch):
+    validate = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate", lambda self: validate(self) if self.step < 20 else float("nan"))
+    assert train(tiny_config(small_corpus, tmp_path / "val", max_steps=40)).stop_reason == "diverged"  # val_bpc null
+    blow_up(Trainer, "model", lambda trainer: trainer.step + 1 >= 15)
+    assert train(tiny_config(small_corpus, tmp_path / "loss", max_steps=40)).stop_reason == "diverged"  # train_loss null
+    for run in (tmp_path / "val", tmp_path / "loss"):
+        assert "null" in (run / "metrics.jsonl").read_text()
+        info = run_cli("info", run)
+        assert info.exit_code == 0, info.output
+        assert "validation history (step: bpc): 10: " in info.output
+        if importlib.util.find_spec("matplotlib"):
+            plotted = run_cli("plot", run, "-o", tmp_path / f"{run.name}.png")
+            assert plotted.exit_code == 0, plotted.output
+    assert run_cli("info", tmp_path / "val").output.splitlines()[-1].endswith(", 20: not finite")
 
 
 def test_a_run_that_diverges_before_saving_leaves_nothing(small_corpus, tmp_path, blow_up):

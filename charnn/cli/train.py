@@ -271,11 +271,12 @@ def info_cmd(checkpoint, last, as_json):
             decay = default_weight_decay(t["optimizer"])
         click.echo(f"optimizer: {t['optimizer']} lr {t.get('lr')}, weight decay {decay}"
                    + (f" (ramp over {t['weight_decay_ramp']} planned epochs)" if t.get("weight_decay_ramp") else ""))
+    # a validation that diverged is logged as null (metrics.jsonl holds valid JSON only)
+    shown = ", ".join(f"{r.get('step')}: " + ("not finite" if r[score] is None else f"{r[score]:.3f}") for r in vals[-12:])
     if vals and classifier is not None:
-        click.echo("validation history (step: macro-F1): "
-                   + ", ".join(f"{r['step']}: {r['val_macro_f1']:.3f}" for r in vals[-12:]))
+        click.echo(f"validation history (step: macro-F1): {shown}")
     elif vals:
-        click.echo("validation history (step: bpc): " + ", ".join(f"{r['step']}: {r['val_bpc']:.3f}" for r in vals[-12:]))
+        click.echo(f"validation history (step: bpc): {shown}")
 
 
 def _classifier_lines(c: dict) -> list[str]:
