@@ -220,12 +220,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged line is skipped below
+    except OSError as e:
+        raise CharnnError(f"cannot read {path} ({e.strerror or e}); move it aside (it should be the run's metrics file)") from None
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
+        if isinstance(record, dict):  # anything else is not a record charnn wrote
+            records.append(record)
     return records
 
 

@@ -315,6 +315,24 @@ def test_eval_json_interrupted_prints_one_json_object(tiny_run, small_corpus, mo
     assert "interrupted" in result.stderr and "Traceback" not in result.output and "Aborted" not in result.output
 
 
+def test_info_and_plot_skip_damaged_metrics_lines(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = (run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(b"5\n[1, 2]\n\xff\xfe garbage\n" + good)  # hand-edited or damaged
+    info = run_cli("info", run, "--json")
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.stdout)["history"]["records"] == len(good.splitlines())
+    assert run_cli("info", run).exit_code == 0
+    if importlib.util.find_spec("matplotlib"):
+        assert run_cli("plot", run, "-o", tmp_path / "curves.png").exit_code == 0
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    assert_clear_error(run_cli("info", run, "--json"), "metrics.jsonl (Is a directory); move it aside")
+
+
 def test_plot_writes_a_png(tiny_run, tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
     out = tmp_path / "curves.png"
