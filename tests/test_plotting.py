@@ -41,3 +41,15 @@ def test_plot_under_a_file_is_a_one_line_error(tiny_run, tmp_path):
     assert result.output.startswith(f"error: cannot create directory {blocker} (") and result.output.count("\n") == 1
     assert "give a PNG path in a directory you can write" in result.output
     assert blocker.read_text(encoding="utf-8") == "keep me"
+
+
+def test_plot_keeps_an_existing_output_file_unless_forced(tiny_run, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me", encoding="utf-8")
+    result = plot(tiny_run, "-o", notes)
+    assert result.exit_code == 2
+    assert result.output == f"error: {notes} already exists; pass --force to replace it, or choose another --output\n"
+    assert notes.read_text(encoding="utf-8") == "keep me"
+    forced = plot(tiny_run, "-o", notes, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert notes.read_bytes()[:8] == PNG

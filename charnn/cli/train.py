@@ -298,12 +298,17 @@ def _classifier_lines(c: dict) -> list[str]:
 
 @main.command("plot")
 @click.argument("checkpoint", type=click.Path(), required=False)
-@click.option("-o", "--output", type=click.Path(), help="PNG file.  [default: RUN/curves.png]")
-def plot_cmd(checkpoint, output):
+@click.option("-o", "--output", type=click.Path(), help="PNG file.  [default: RUN/curves.png, replaced each time]")
+@click.option("--force", is_flag=True, help="Replace the --output file if it exists.")
+def plot_cmd(checkpoint, output, force):
     """A PNG of the training and validation curves (needs the 'plot' extra)."""
+    from pathlib import Path
+
     from .. import checkpoint as ckpt
     from ..plotting import plot_curves
 
     run_dir = ckpt.resolve_checkpoint(checkpoint).parent
+    if output and not force and Path(output).exists() and not Path(output).is_dir():  # a folder: plot_curves says so
+        raise CharnnError(f"{output} already exists; pass --force to replace it, or choose another --output")
     path = plot_curves(run_dir, output)
     click.echo(f"wrote {path}", err=True)
