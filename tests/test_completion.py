@@ -321,6 +321,17 @@ def test_eval_complete_json_interrupted_prints_one_json_object(tiny_run, small_c
     assert "interrupted" in result.stderr and "Aborted" not in result.output
 
 
+def test_complete_json_interrupted_prints_one_json_object(tiny_run, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("charnn.completion.Completer.suggest", ctrl_c)
+    result = CliRunner().invoke(main, ["complete", str(tiny_run), "--json"], input="To be or\n")
+    assert result.exit_code == 130, result.output
+    assert json.loads(result.stdout) == {"interrupted": True, "checkpoint": str(tiny_run), "mode": "word", "k": 3}
+    assert "interrupted" in result.stderr and "Aborted" not in result.output
+
+
 def test_complete_refuses_stdin_that_is_not_utf8(tiny_run):
     for args in (["--json"], []):
         result = CliRunner().invoke(main, ["complete", str(tiny_run), *args], input=b"caf\xe9 au lait\n")

@@ -58,7 +58,7 @@ def reports_interruption(as_json: bool, **fields):
     try:
         yield
     except KeyboardInterrupt:
-        click.echo("\ninterrupted (Ctrl-C); nothing was measured", err=True)
+        click.echo("\ninterrupted (Ctrl-C) before any result was printed", err=True)
         if as_json:
             click.echo(json.dumps({"interrupted": True, **fields}, ensure_ascii=False))
         sys.exit(130)

@@ -51,10 +51,11 @@ def complete_cmd(checkpoint, k, mode, max_chars, last, device, as_json):
     if sys.stdin.isatty() and sys.stdout.isatty() and not as_json:
         interactive(completer, k=k, mode=mode, max_chars=max_chars)
         return
-    lines = _read_stdin().splitlines()
-    if not lines:
-        raise CharnnError("no text on standard input; pipe some in, e.g. echo 'To be or' | charnn complete")
-    results = [(line, completer.suggest(line, k=k, mode=mode, max_chars=max_chars)) for line in lines]
+    with reports_interruption(as_json, checkpoint=str(checkpoint), mode=mode, k=k):
+        lines = _read_stdin().splitlines()
+        if not lines:
+            raise CharnnError("no text on standard input; pipe some in, e.g. echo 'To be or' | charnn complete")
+        results = [(line, completer.suggest(line, k=k, mode=mode, max_chars=max_chars)) for line in lines]
     if as_json:
         click.echo(json.dumps({"mode": mode, "k": k, "inputs": [
             {"text": line, "suggestions": [s.to_dict() for s in found]} for line, found in results]}, ensure_ascii=False))
