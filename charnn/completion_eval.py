@@ -158,7 +158,7 @@ def evaluate_completion(completer: Completer, doc: str, *, k: int = 3, mode: str
     the model's, with the difference in points.
     """
     if len(doc) < 2:
-        raise CharnnError("the text to type is empty; pass a file with some text")
+        raise CharnnError(f"the text to type holds {len(doc)} character(s); pass a file with at least 2")
     if k < 3:
         raise CharnnError(f"the evaluation reports the top-3 user; use k >= 3, got {k}")
     if dictionary is not None and mode != "word":

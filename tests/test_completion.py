@@ -310,6 +310,14 @@ def test_eval_complete_cli_prints_one_json_object(tiny_run, small_corpus, tmp_pa
     assert missing.exit_code == 2 and "error:" in missing.output
 
 
+def test_eval_complete_of_a_one_character_file_says_so(tiny_run, tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a", encoding="utf-8")
+    result = CliRunner().invoke(main, ["eval-complete", str(tiny_run), str(one), "--json", "-q"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == "error: the text to type holds 1 character(s); pass a file with at least 2\n"
+
+
 def test_eval_complete_json_interrupted_prints_one_json_object(tiny_run, small_corpus, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
