@@ -333,6 +333,19 @@ def test_info_and_plot_skip_damaged_metrics_lines(tiny_run, tmp_path):
     assert_clear_error(run_cli("info", run, "--json"), "metrics.jsonl (Is a directory); move it aside")
 
 
+def test_info_of_a_checkpoint_without_a_summary(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "best" / "config.json").read_text())
+    del config["summary"]  # e.g. written by another program: the section info falls back on is optional
+    (run / "best" / "config.json").write_text(json.dumps(config))
+    result = run_cli("info", run)
+    assert result.exit_code == 0, result.output
+    assert ", ? parameters" in result.output
+
+
 def test_plot_writes_a_png(tiny_run, tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
     out = tmp_path / "curves.png"

@@ -247,7 +247,7 @@ def info_cmd(checkpoint, last, as_json):
     click.echo(f"checkpoint: {ck.path} ({ck.kind}, charnn {report['charnn_version']})")
     if m:
         click.echo(f"model: {m.get('layers')}x{m.get('hidden')} {str(m.get('cell')).upper()}, embed {m.get('embed_dim') or 'one-hot'}, "
-                   f"dropout {m.get('dropout')}, {s.get('parameters', '?'):,} parameters")
+                   f"dropout {m.get('dropout')}, {_count(s.get('parameters'))} parameters")
     if classifier is not None:
         for line in _classifier_lines(classifier):
             click.echo(line)
@@ -277,6 +277,11 @@ def info_cmd(checkpoint, last, as_json):
         click.echo(f"validation history (step: macro-F1): {shown}")
     elif vals:
         click.echo(f"validation history (step: bpc): {shown}")
+
+
+def _count(n) -> str:
+    """``12,345``, or ``?`` for a count the checkpoint does not record."""
+    return f"{n:,}" if isinstance(n, int) else "?"
 
 
 def _classifier_lines(c: dict) -> list[str]:
