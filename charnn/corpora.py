@@ -514,6 +514,9 @@ def build_corpus(
     _check_max_chars(max_chars)
     if out_path.is_dir():
         raise CharnnError(f"{out_path} is a directory; give a file name for the corpus")
+    if out_path.exists() and not out_path.is_file():  # the atomic rename would replace the node itself
+        raise CharnnError(f"{out_path} is not a regular file (a device, pipe or socket); give a file name for "
+                          "the corpus")
     if out_path.exists() and not overwrite:
         raise OutputExistsError(out_path)
     text = corpus_text(name, progress=progress, max_chars=max_chars)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import re
 import socket
+import stat
 import threading
 from pathlib import Path
 
@@ -246,6 +248,15 @@ def test_cli_existing_output_needs_force(tmp_path):
     r = invoke("corpus", "build", "python-stdlib", "-o", str(out), "--max-chars", "300", "--force")
     assert r.exit_code == 0, r.output
     assert len(read(out)) == 300
+
+
+def test_cli_force_never_replaces_a_pipe_or_device(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    r = invoke("corpus", "build", "python-stdlib", "-o", str(fifo), "--max-chars", "300", "--force")
+    assert r.exit_code == 2
+    assert r.output == f"error: {fifo} is not a regular file (a device, pipe or socket); give a file name for the corpus\n"
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and leftovers(tmp_path) == []
 
 
 def test_cli_output_appearing_during_the_build_still_names_force(tmp_path, monkeypatch):
