@@ -92,6 +92,8 @@ def save_figure(plt, fig, out: str | Path) -> Path:
     try:
         if out.is_dir():
             raise CharnnError(f"{out} is a directory; give a file name for the PNG, e.g. {out / 'curves.png'}")
+        if out.exists() and not out.is_file():  # the rename below would replace the node itself
+            raise CharnnError(f"{out} is not a regular file (a device, pipe or socket); give a file name for the PNG")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

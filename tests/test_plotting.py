@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 from click.testing import CliRunner
 
@@ -53,3 +56,12 @@ def test_plot_keeps_an_existing_output_file_unless_forced(tiny_run, tmp_path):
     forced = plot(tiny_run, "-o", notes, "--force")
     assert forced.exit_code == 0, forced.output
     assert notes.read_bytes()[:8] == PNG
+
+
+def test_plot_never_replaces_a_pipe_or_device(tiny_run, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = plot(tiny_run, "-o", fifo, "--force")
+    assert result.exit_code == 2
+    assert result.output == f"error: {fifo} is not a regular file (a device, pipe or socket); give a file name for the PNG\n"
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
