@@ -34,7 +34,9 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.glob(glob) if f.is_file() and not f.name.startswith("."))
+            # hidden files and everything under hidden folders (.git, .venv...) are skipped
+            found = sorted(f for f in p.glob(glob)
+                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise CharnnError(f"directory {p} has no files matching --glob {glob!r}; change --glob or the path")
             files.extend(found)

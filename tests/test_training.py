@@ -304,6 +304,17 @@ def test_eval_and_info_json(tiny_run, small_corpus):
     assert info["history"]["evaluations"]
 
 
+def test_eval_of_a_folder_skips_hidden_folders(tiny_run, tmp_path):
+    folder = tmp_path / "project"
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "index").write_bytes(b"DIRC\x00\x00\x00\x02" * 8)  # what git keeps there: binary
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n", encoding="utf-8")
+    (folder / "notes.txt").write_text("The interpreter reads a line.\n", encoding="utf-8")
+    result = run_cli("eval", tiny_run, folder, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["chars"] == len("The interpreter reads a line.\n")
+
+
 def test_eval_json_interrupted_prints_one_json_object(tiny_run, small_corpus, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
