@@ -340,6 +340,12 @@ def test_complete_json_interrupted_prints_one_json_object(tiny_run, monkeypatch)
     assert "interrupted" in result.stderr and "Aborted" not in result.output
 
 
+def test_complete_pipe_mode_splits_lines_at_newlines_only(tiny_run):
+    result = CliRunner().invoke(main, ["complete", str(tiny_run), "--json"], input="ab\x0ccd\u2028e\r\nf\n\n")
+    assert result.exit_code == 0, result.output
+    assert [i["text"] for i in json.loads(result.stdout)["inputs"]] == ["ab\x0ccd\u2028e", "f", ""]
+
+
 def test_complete_refuses_stdin_that_is_not_utf8(tiny_run):
     for args in (["--json"], []):
         result = CliRunner().invoke(main, ["complete", str(tiny_run), *args], input=b"caf\xe9 au lait\n")

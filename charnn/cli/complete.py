@@ -52,7 +52,10 @@ def complete_cmd(checkpoint, k, mode, max_chars, last, device, as_json):
         interactive(completer, k=k, mode=mode, max_chars=max_chars)
         return
     with reports_interruption(as_json, checkpoint=str(checkpoint), mode=mode, k=k):
-        lines = _read_stdin().splitlines()
+        # lines end at \n only: str.splitlines would also cut at form feeds, \x1c-\x1e and U+2028
+        lines = _read_stdin().replace("\r\n", "\n").split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
         if not lines:
             raise CharnnError("no text on standard input; pipe some in, e.g. echo 'To be or' | charnn complete")
         results = [(line, completer.suggest(line, k=k, mode=mode, max_chars=max_chars)) for line in lines]
