@@ -51,8 +51,8 @@ from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, check_types,
-                       make_optimizer)
+from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, caller_rng_kept,
+                       check_types, make_optimizer)
 from .vocab import Vocabulary
 
 KIND = "classifier"
@@ -1500,9 +1500,10 @@ class TextClassifier(_Params):
     def fit(self, X, y, *, val_texts=None, val_labels=None, on_log: Callable[[dict], None] | None = None):
         """Train on texts ``X`` with labels ``y``; validate on ``val_texts`` or a stratified split. Returns self."""
         cfg = self.config()
-        trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer)(
-            cfg, X, _as_labels(y), val_texts, None if val_labels is None else _as_labels(val_labels), on_log=on_log)
-        self.result_ = trainer.fit()
+        with caller_rng_kept():  # training seeds PyTorch from cfg.seed; the caller's own draws are left alone
+            trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer)(
+                cfg, X, _as_labels(y), val_texts, None if val_labels is None else _as_labels(val_labels), on_log=on_log)
+            self.result_ = trainer.fit()
         self._adopt(trainer.net, trainer.vocab, trainer.classes, trainer.config_dict(), trainer.device, trainer.precision)
         self.run_dir_ = trainer.run_dir
         return self

@@ -836,5 +836,18 @@ def _version() -> str:
 
 
 def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train a new model (or fine-tune one with ``cfg.init_from``) and return the result."""
-    return Trainer(cfg, on_log=on_log).fit()
+    """Train a new model (or fine-tune one with ``cfg.init_from``) and return the result.
+
+    Training draws from its own seed (``cfg.seed``); the caller's PyTorch random state is as it was afterwards.
+    """
+    with caller_rng_kept():
+        return Trainer(cfg, on_log=on_log).fit()
+
+
+@contextlib.contextmanager
+def caller_rng_kept():
+    """Run a block that seeds PyTorch's global generators (CPU and initialized CUDA devices) and put the
+    caller's random state back afterwards, so that fitting a model does not reset the user's own draws."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield

@@ -114,6 +114,15 @@ def test_learns_character_order_to_near_perfect_accuracy(order_clf, order_data):
     assert proba.shape == (5, 2) and np.allclose(proba.sum(1), 1.0, atol=1e-5)
 
 
+def test_fit_leaves_the_callers_random_state_alone(order_data):
+    (texts, labels), _ = order_data
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    TextClassifier(hidden=8, embed_dim=4, max_steps=2, device="cpu").fit(texts[:40], labels[:40])  # seeds itself
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_bidirectional_and_pooling_options_learn(order_data):
     (texts, labels), (test_texts, test_labels) = order_data
     clf = TextClassifier(**{**FAST, "bidirectional": True, "pooling": "max", "cell": "gru"}).fit(texts, labels)

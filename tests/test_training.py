@@ -63,6 +63,14 @@ def test_same_seed_same_run(small_corpus, tmp_path):
     assert losses(a.run_dir) == losses(b.run_dir)
 
 
+def test_training_leaves_the_callers_random_state_alone(small_corpus, tmp_path):
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    train(tiny_config(small_corpus, tmp_path / "run", max_steps=3))  # seeds itself from cfg.seed
+    assert torch.equal(torch.rand(3), expected)
+
+
 # -- exact resume -------------------------------------------------------------------------------
 def _interrupt_at(step: int):
     def on_log(record):
