@@ -132,7 +132,7 @@ def _table_rows(path: Path, text: str, fmt: str) -> _Rows:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
             raise CharnnError(f"{path} is empty or has no header row; its first line must name the columns")
-        header = [h.strip().lstrip("\ufeff") for h in header]
+        header = [h.strip() for h in header]  # (read_text has dropped a byte-order mark)
         rows = []
         for record in reader:
             if not any(field.strip() for field in record):

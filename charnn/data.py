@@ -12,6 +12,7 @@ one batch to the next. Each epoch starts at a random offset below ``seq_len``.
 
 from __future__ import annotations
 
+import codecs
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,9 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """Read one text file, refusing binary files and undecodable bytes with a clear error."""
+    """Read one text file, refusing binary files and undecodable bytes with a clear error.
+
+    A UTF-8 byte-order mark (which some Windows editors write) is not text and is dropped, as utf-16 drops its own."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -58,7 +61,8 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     if b"\x00" in data[:BINARY_SNIFF_BYTES] and not encoding.lower().replace("-", "").startswith("utf16"):
         raise CharnnError(f"{path} looks like a binary file (it contains NUL bytes); pass text files only")
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
+        return text[1:] if text.startswith("\ufeff") and codecs.lookup(encoding).name == "utf-8" else text
     except LookupError as e:
         raise CharnnError(f"unknown encoding {encoding!r}; pass a valid --encoding such as utf-8 or latin-1") from e
     except UnicodeDecodeError as e:

@@ -62,6 +62,8 @@ def _utf8_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
                 return
             if offset == 0:
                 _check_not_binary(path, data, "utf-8")
+                if data.startswith(codecs.BOM_UTF8):  # a byte-order mark is not text (as in data.read_text)
+                    data, offset = data[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
             cut = len(data)
             if block:  # keep a character cut by the block boundary for the next chunk
                 back = 0

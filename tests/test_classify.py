@@ -504,6 +504,10 @@ def test_reads_csv_tsv_jsonl_and_folders(tmp_path):
             (tmp_path / "folders" / label / n).write_text(f"{label} {n}", encoding="utf-8")
     folders = read_labelled(tmp_path / "folders")
     assert folders.labels == ["cats", "cats", "dogs"] and folders.texts[2] == "dogs a.txt"
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbftext,label\nfine,pos\n")  # "CSV UTF-8" as spreadsheets save it
+    assert read_labelled(tmp_path / "excel.csv").texts == ["fine"]
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    assert read_labelled(tmp_path / "bom.jsonl").labels == ["x", "y"]
 
 
 def test_reads_the_shared_datasets():
