@@ -21,6 +21,7 @@ with the typed prefix.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import Counter
@@ -60,7 +61,8 @@ class DictionaryCompleter:
     def __len__(self) -> int:
         return len(self.counts)
 
-    def suggest(self, text: str, k: int = 3) -> list[Suggestion]:
+    def suggest(self, text: str, k: int = 3, max_chars: int | None = None) -> list[Suggestion]:
+        """The ``k`` commonest words that complete the word ``text`` ends in, no longer than ``max_chars``."""
         if k > self.max_k:
             raise CharnnError(f"the dictionary keeps {self.max_k} words per prefix; ask for k <= {self.max_k}")
         end = len(text)
@@ -68,7 +70,8 @@ class DictionaryCompleter:
             end -= 1
         prefix = text[end:]
         lead = "" if prefix or not text or text[-1].isspace() else " "
-        words = [w for w in self._by_prefix.get(prefix, []) if w != prefix][:k]
+        longest = len(prefix) + (max_chars if max_chars is not None else math.inf) - len(lead)
+        words = [w for w in self._by_prefix.get(prefix, []) if w != prefix and len(w) <= longest][:k]
         total = sum(self.counts[w] for w in self._by_prefix.get(prefix, [])) or 1
         return [Suggestion(lead + w[len(prefix):], self.counts[w] / total, 0.0) for w in words]
 
@@ -174,7 +177,7 @@ def evaluate_completion(completer: Completer, doc: str, *, k: int = 3, mode: str
         "completer": completer.info(),
     }
     if dictionary is not None:
-        words = [dictionary.suggest(doc[max(0, pos - 64):pos], k=k) for pos in range(len(doc))]
+        words = [dictionary.suggest(doc[max(0, pos - 64):pos], k=k, max_chars=max_chars) for pos in range(len(doc))]
         report["dictionary"] = {**savings(doc, words, mode), "words": len(dictionary)}
         report["savings_top3_gain_points"] = report["model"]["savings_top3"] - report["dictionary"]["savings_top3"]
         report["savings_top1_gain_points"] = report["model"]["savings_top1"] - report["dictionary"]["savings_top1"]

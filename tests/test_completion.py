@@ -255,6 +255,8 @@ def test_dictionary_baseline_proposes_the_most_frequent_words_with_the_prefix():
     assert [s.text for s in d.suggest("so the", k=2)] == ["m", "n"]
     assert [s.text for s in d.suggest("so ", k=2)] == ["them", "the"]
     assert [s.text for s in d.suggest("so,", k=1)] == [" them"]
+    assert [s.text for s in d.suggest("so th", k=3, max_chars=1)] == ["e"]  # the model's --max-chars binds it too
+    assert [s.text for s in d.suggest("so,", k=3, max_chars=4)] == [" the", " x"]  # the leading space counts
     with pytest.raises(CharnnError, match="no words"):
         DictionaryCompleter("  ,, ")
 
@@ -308,6 +310,9 @@ def test_eval_complete_cli_prints_one_json_object(tiny_run, small_corpus, tmp_pa
     assert text.exit_code == 0 and "savings" in text.stdout and "p99" in text.stdout
     missing = CliRunner().invoke(main, ["eval-complete", str(tiny_run), str(tmp_path / "none.txt")])
     assert missing.exit_code == 2 and "error:" in missing.output
+    for unused in (["--no-baseline"], ["--mode", "line"]):  # no dictionary to build: the option would be ignored
+        ignored = CliRunner().invoke(main, ["eval-complete", str(tiny_run), str(doc), "-q", "--train-text", str(doc), *unused])
+        assert ignored.exit_code == 2 and ignored.stderr.startswith("error: --train-text feeds the dictionary"), ignored.output
 
 
 def test_eval_complete_of_a_one_character_file_says_so(tiny_run, tmp_path):

@@ -203,6 +203,9 @@ def eval_complete_cmd(checkpoint, file, k, mode, max_chars, limit, train_text, n
         completer, ck = _completer(checkpoint, last, device, beam_width=beam_width, length_penalty=length_penalty)
         doc = read_text(Path(file), encoding)[:limit]
         dictionary = None
+        if train_text and (no_baseline or mode != "word"):
+            raise CharnnError("--train-text feeds the dictionary baseline, which runs only in --mode word and "
+                              "without --no-baseline; drop --train-text")
         if not no_baseline and mode == "word":
             source = read_text(Path(train_text), encoding) if train_text else training_text(ck.config)
             dictionary = DictionaryCompleter(source)
