@@ -156,9 +156,14 @@ class LanguageModel:
 
     # -- probabilities ------------------------------------------------------------------------------------
     def score(self, text: str, *, context: str | None = None, strict: bool = False, chunk: int = 4096) -> TextScore:
-        """Log-probability of every character of ``text`` after ``context`` (default: a newline)."""
+        """Log-probability of every character of ``text`` after ``context`` (None or "": a newline, as at the
+        start of a file), read ``chunk`` characters at a time."""
         if not isinstance(text, str):
             raise CharnnError(f"score needs a string, got {type(text).__name__}")
+        if context is not None and not isinstance(context, str):
+            raise CharnnError(f"score's context must be a string, got {type(context).__name__}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise CharnnError(f"score's chunk must be a positive integer, got {chunk!r}")
         context = context or DEFAULT_SEED
         ids = encode_text(self.vocab, context + text, strict=strict, what="text")
         inputs, targets = ids[:-1], ids[1:]

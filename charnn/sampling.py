@@ -77,15 +77,15 @@ class SamplingOptions:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         checks = [
-            (_is_int(self.length) and self.length >= 0, f"--length must be 0 or more, got {self.length}"),
+            (_is_int(self.length) and self.length >= 0, f"--length must be 0 or more, got {self.length!r}"),
             (_is_num(self.temperature) and self.temperature >= 0 and math.isfinite(self.temperature),
-             f"--temperature must be 0 (greedy) or positive, got {self.temperature}"),
-            (self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), f"--top-k must be at least 1, got {self.top_k}"),
+             f"--temperature must be 0 (greedy) or positive, got {self.temperature!r}"),
+            (self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), f"--top-k must be at least 1, got {self.top_k!r}"),
             (self.top_p is None or (_is_num(self.top_p) and 0 < self.top_p <= 1),
-             f"--top-p must be in (0, 1], got {self.top_p}"),
-            (_is_int(self.num_samples) and self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}"),
+             f"--top-p must be in (0, 1], got {self.top_p!r}"),
+            (_is_int(self.num_samples) and self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples!r}"),
             (self.random_seed is None or (_is_int(self.random_seed) and self.random_seed >= 0),
-             f"--random-seed must be a non-negative integer, got {self.random_seed}"),
+             f"--random-seed must be a non-negative integer, got {self.random_seed!r}"),
             (all(isinstance(s, str) and s for s in stop), "--stop strings must be non-empty"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ]

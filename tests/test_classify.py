@@ -371,6 +371,13 @@ def test_eval_writes_a_confusion_matrix_png(cli_run, tmp_path):
     out = CliRunner().invoke(main, ["classify", "eval", str(run), str(test_file), "--plot", str(png)])
     assert out.exit_code == 0, out.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me", encoding="utf-8")
+    again = CliRunner().invoke(main, ["classify", "eval", str(run), str(test_file), "--plot", str(notes)])
+    assert again.exit_code == 2 and again.stderr == f"error: {notes} already exists; pass --force to replace it, or " \
+        "choose another --plot\n" and notes.read_text(encoding="utf-8") == "keep me"
+    forced = CliRunner().invoke(main, ["classify", "eval", str(run), str(test_file), "--plot", str(png), "--force"])
+    assert forced.exit_code == 0, forced.output
 
 
 def test_interrupt_then_resume_matches_an_uninterrupted_run(order_data, tmp_path):

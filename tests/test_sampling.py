@@ -426,6 +426,14 @@ def test_score_and_next_char_probs(lm):
     assert probs[text[8]] == pytest.approx(np.exp(lm.score(text[8], context="The valu").total_logprob), rel=1e-5)
 
 
+@pytest.mark.parametrize("options, message", [({"context": 5}, "context must be a string, got int"),
+                                              ({"chunk": 0}, "chunk must be a positive integer, got 0"),
+                                              ({"chunk": 2.5}, "chunk must be a positive integer, got 2.5")])
+def test_score_refuses_bad_arguments_in_one_line(lm, options, message):
+    with pytest.raises(CharnnError, match=message):
+        lm.score("text", **options)
+
+
 def test_load_refuses_an_unknown_which(tiny_run):
     """which="lats" loaded the best model without a word; only best and last exist."""
     import charnn

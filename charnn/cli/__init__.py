@@ -51,6 +51,14 @@ class CharnnGroup(click.Group):
             raise _one_line(e) from None
 
 
+def refuse_to_replace(path: str | None, force: bool, option: str) -> None:
+    """An existing file at ``path`` (an output option's value) is an error unless ``--force`` was given."""
+    from pathlib import Path  # noqa: PLC0415
+
+    if path and not force and Path(path).exists() and not Path(path).is_dir():  # a folder: the writer says so
+        raise CharnnError(f"{path} already exists; pass --force to replace it, or choose another {option}")
+
+
 @contextlib.contextmanager
 def reports_interruption(as_json: bool, **fields):
     """Ctrl-C inside the block: one line on stderr and exit 130 (not click's "Aborted!" and 1); with ``as_json``

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import CharnnError
-from . import CharnnGroup, main
+from . import CharnnGroup, main, refuse_to_replace
 from .train import fit_or_exit, given_on_command_line, parse_duration, refuse_on_resume, resume_options
 
 
@@ -227,11 +227,13 @@ def predict_cmd(checkpoint, texts, file, encoding, top, last, device, as_json):
 @click.option("--last", is_flag=True, help="Use the run's last model rather than its best.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(), help="Also write the confusion matrix as a PNG (needs the 'plot' extra).")
+@click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(checkpoint, data, text_col, label_col, label_sep, encoding, last, device, plot_path, as_json):
+def eval_cmd(checkpoint, data, text_col, label_col, label_sep, encoding, last, device, plot_path, force, as_json):
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix on labelled DATA."""
     from ..classify import TextClassifier, format_report, plot_confusion_matrix, read_labelled
 
+    refuse_to_replace(plot_path, force, "--plot")
     clf = TextClassifier.load(checkpoint, which="last" if last else "best", device=device)
     trained = clf.checkpoint_config_.get("data") or {}
     labelled = read_labelled(data, text_col=text_col or trained.get("text_col", "text"),

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import click
 
 from ..errors import CharnnError
-from . import main, reports_interruption
+from . import main, refuse_to_replace, reports_interruption
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)
 
@@ -307,13 +307,10 @@ def _classifier_lines(c: dict) -> list[str]:
 @click.option("--force", is_flag=True, help="Replace the --output file if it exists.")
 def plot_cmd(checkpoint, output, force):
     """A PNG of the training and validation curves (needs the 'plot' extra)."""
-    from pathlib import Path
-
     from .. import checkpoint as ckpt
     from ..plotting import plot_curves
 
     run_dir = ckpt.resolve_checkpoint(checkpoint).parent
-    if output and not force and Path(output).exists() and not Path(output).is_dir():  # a folder: plot_curves says so
-        raise CharnnError(f"{output} already exists; pass --force to replace it, or choose another --output")
+    refuse_to_replace(output, force, "--output")
     path = plot_curves(run_dir, output)
     click.echo(f"wrote {path}", err=True)
