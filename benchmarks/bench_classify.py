@@ -83,6 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-patience", type=int, default=10, help="charnn patience at the per-class budgets.")
     p.add_argument("--max-chars", type=int, default=300, help="charnn truncates longer texts (keeping the head).")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--random-crop", type=float, default=0.0, help="charnn's --random-crop augmentation (0: off).")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--balance", default="names", help="Datasets (comma-separated) on which charnn uses balanced class weights.")
     p.add_argument("--ensemble", type=int, default=3, help="Members of charnn-ensemble.")
@@ -143,6 +144,7 @@ def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, budget, balance, ini
     epochs, patience = (args.max_epochs, args.patience) if budget is None else (args.budget_max_epochs, args.budget_patience)
     params = dict(hidden=args.hidden, layers=1, embed_dim=64, max_epochs=epochs, patience=patience,
                   max_chars=args.max_chars, batch_size=args.batch_size, lr=args.lr, balance=balance,
+                  random_crop=args.random_crop,
                   init_from=init_from, seed=args.seed, device="cpu", quiet=True)
     clf = TextClassifier(**{**params, **overrides})
     clf.fit(fit_x, fit_y, val_texts=val_x, val_labels=val_y)

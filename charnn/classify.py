@@ -59,6 +59,8 @@ KIND = "classifier"
 POOLINGS = ("last", "mean", "max", "concat")
 TRUNCATIONS = ("head", "tail", "both")
 THRESHOLD = 0.5  # multi-label: a class is predicted when its probability reaches this
+MIN_CROP_CHARS = 10  # --random-crop keeps at least this many characters, and leaves shorter texts whole
+CROP_STREAM = 0x63726F70  # keeps the crops' random numbers apart from the seed's other uses
 FINE_TUNE_LR_DECAY = 2.6  # ULMFiT: each layer down learns 2.6 times slower
 # Fine-tuning with fewer steps per epoch than this trains the head only (a linear probe, fitted as an
 # L2-regularised logistic regression by charnn.probe). Gradual unfreezing frees one layer group per epoch;
@@ -376,6 +378,21 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def random_crops(batch: Sequence[np.ndarray], prob: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """``batch`` with each text, with probability ``prob``, replaced by a random contiguous window of 50-100% of its
+    characters (at least ``MIN_CROP_CHARS``): augmentation that makes the classifier use every cue in a text,
+    not only its most salient one."""
+    out = []
+    for ids in batch:
+        n = len(ids)
+        if n > MIN_CROP_CHARS and rng.random() < prob:
+            length = int(rng.integers(max(MIN_CROP_CHARS, n // 2), n + 1))
+            start = int(rng.integers(0, n - length + 1))
+            ids = ids[start:start + length]
+        out.append(ids)
+    return out
+
+
 def collate(encoded: Sequence[np.ndarray], idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids (batch, longest) and lengths of the texts ``idx``."""
     lengths = np.array([len(encoded[i]) for i in idx], dtype=np.int64)
@@ -667,6 +684,7 @@ class ClassifyConfig:
     balance: bool = False
     max_chars: int | None = 1000
     truncation: str = "head"
+    random_crop: float = 0.0  # augmentation: the probability that a drawn training text is cut to a random window
     # transfer
     init_from: str | None = None
     freeze_encoder: bool | None = None  # None: on when fine-tuning with < PROBE_BELOW_STEPS_PER_EPOCH steps per epoch
@@ -733,6 +751,7 @@ class ClassifyConfig:
              f"--weight-decay must be 0 (off) or positive, got {self.weight_decay}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
+            (0 <= self.random_crop <= 1, f"--random-crop must be a probability in [0, 1], got {self.random_crop}"),
             (self.max_chars is None or self.max_chars >= 1, f"--max-chars must be at least 1, got {self.max_chars}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
@@ -754,6 +773,8 @@ class ClassifyConfig:
              "give it one with --init-from"),
             (not (self.gradual_unfreeze and not self.init_from), "--gradual-unfreeze unfreezes a language model's "
              "layers one per epoch; give it one with --init-from, or drop --gradual-unfreeze"),
+            (not (self.random_crop and self.freeze_encoder), "--freeze-encoder fits the head once on whole texts' "
+             "features, so there is nothing to crop; drop --random-crop or --freeze-encoder"),
             (not (self.gradual_unfreeze and self.freeze_encoder), "--freeze-encoder trains the head only, so there "
              "is nothing to unfreeze; drop --gradual-unfreeze or --freeze-encoder"),
         ]
@@ -880,8 +901,8 @@ class ClassifierTrainer(BudgetClock):
         self.schedule = LRSchedule(cfg)
         self.loss_weights = self._loss_weights()
         self.steps_per_epoch = math.ceil(len(self.texts) / cfg.batch_size)
-        self.auto_probe = cfg.freeze_encoder is None and cfg.gradual_unfreeze is not True and cfg.fine_tuning and \
-            self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH  # asking for gradual unfreezing asks to fine-tune
+        self.auto_probe = cfg.freeze_encoder is None and cfg.gradual_unfreeze is not True and not cfg.random_crop and \
+            cfg.fine_tuning and self.steps_per_epoch < PROBE_BELOW_STEPS_PER_EPOCH  # asking for either asks to fine-tune
         if cfg.freeze_encoder is None:  # the run's settings say what it really used
             cfg.freeze_encoder = self.auto_probe
         # progress
@@ -1002,7 +1023,11 @@ class ClassifierTrainer(BudgetClock):
         return torch.from_numpy(y[idx]).to(self.device)
 
     def train_step(self, idx: np.ndarray) -> float:
-        ids, lengths = collate(self.train_ids, idx)
+        batch = [self.train_ids[i] for i in idx]
+        if self.cfg.random_crop:  # drawn from the seed and the step, so a resumed run crops as an unbroken one
+            batch = random_crops(batch, self.cfg.random_crop, np.random.default_rng([self.cfg.init_seed, self.step, CROP_STREAM]))
+        ids, lengths = collate(batch, np.arange(len(batch)))
+        self.train_chars += int(lengths.sum())
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             logits = self.net(ids.to(self.device), lengths)
@@ -1041,7 +1066,6 @@ class ClassifierTrainer(BudgetClock):
                     t0 = time.perf_counter()
                     loss = self.train_step(idx)
                     self.train_seconds += time.perf_counter() - t0
-                    self.train_chars += int(self.lengths[idx].sum())
                     self.step += 1
                     self.batch_in_epoch += 1
                     if self.batch_in_epoch == len(batches):
@@ -1474,7 +1498,7 @@ class TextClassifier(_Params):
 
     def __init__(self, *, cell="lstm", layers=1, hidden=256, embed_dim=64, dropout=0.0, embed_dropout=0.0,
                  bidirectional=False, min_char_count=1, pooling="concat", head_dropout=0.2, multi_label=False,
-                 balance=False, max_chars=1000, truncation="head", init_from=None, freeze_encoder=None,
+                 balance=False, max_chars=1000, truncation="head", random_crop=0.0, init_from=None, freeze_encoder=None,
                  gradual_unfreeze=None, layer_lr_decay=None, batch_size=32, lr=3e-3, optimizer="adam",
                  weight_decay=None, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
                  min_lr_ratio=0.05, ensemble=1, max_epochs=30, max_steps=None, time_budget=None, patience=5,
@@ -1484,6 +1508,7 @@ class TextClassifier(_Params):
         self.dropout, self.embed_dropout, self.bidirectional = dropout, embed_dropout, bidirectional
         self.min_char_count, self.pooling, self.head_dropout = min_char_count, pooling, head_dropout
         self.multi_label, self.balance, self.max_chars, self.truncation = multi_label, balance, max_chars, truncation
+        self.random_crop = random_crop
         self.init_from, self.freeze_encoder, self.gradual_unfreeze = init_from, freeze_encoder, gradual_unfreeze
         self.layer_lr_decay, self.batch_size, self.lr, self.optimizer = layer_lr_decay, batch_size, lr, optimizer
         self.weight_decay, self.momentum, self.nesterov, self.grad_clip = weight_decay, momentum, nesterov, grad_clip

@@ -22,6 +22,7 @@ from charnn.classify import (
     ClassifierNet,
     ClassifierTrainer,
     ClassifyConfig,
+    MIN_CROP_CHARS,
     EnsembleTrainer,
     NotFittedError,
     TextClassifier,
@@ -30,6 +31,7 @@ from charnn.classify import (
     encode_labels,
     encode_texts,
     predict_logits,
+    random_crops,
     read_labelled,
     stratified_split,
     truncate,
@@ -112,6 +114,50 @@ def test_learns_character_order_to_near_perfect_accuracy(order_clf, order_data):
     assert list(order_clf.classes_) == ["xy", "yx"]
     proba = order_clf.predict_proba(test_texts[:5])
     assert proba.shape == (5, 2) and np.allclose(proba.sum(1), 1.0, atol=1e-5)
+
+
+def test_random_crops_are_windows_of_half_a_text_or_more():
+    rng = np.random.default_rng(0)
+    texts = [np.arange(n) for n in (5, 10, 11, 40, 301)]
+    assert all(a is b for a, b in zip(random_crops(texts, 0.0, rng), texts))  # probability 0: untouched
+    seen = set()
+    for _ in range(200):
+        for text, crop in zip(texts, random_crops(texts, 1.0, rng)):
+            n = len(text)
+            if n <= MIN_CROP_CHARS:
+                assert crop is text  # too short to crop
+                continue
+            assert max(MIN_CROP_CHARS, n // 2) <= len(crop) <= n
+            assert np.array_equal(crop, np.arange(crop[0], crop[0] + len(crop)))  # one contiguous window
+            seen.add((n, int(crop[0]), len(crop)))
+    assert len({s for s in seen if s[0] == 301}) > 100  # windows of every size and place, not one
+    a = random_crops(texts, 0.5, np.random.default_rng([1234, 7]))
+    b = random_crops(texts, 0.5, np.random.default_rng([1234, 7]))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # the same seed and step crop the same
+
+
+def test_random_crops_reach_the_training_batches(order_data, monkeypatch):
+    (texts, labels), _ = order_data
+    texts = [t * 4 for t in texts]  # long enough to crop (the order task's texts are about MIN_CROP_CHARS long)
+    import charnn.classify as classify_module
+
+    def trained_chars(crop: float) -> int:
+        seen, real = [], classify_module.collate
+        monkeypatch.setattr(classify_module, "collate", lambda enc, idx: seen.append(sum(len(enc[i]) for i in idx)) or real(enc, idx))
+        TextClassifier(**{**FAST, "random_crop": crop, "max_steps": 4, "val_fraction": 0.0}).fit(texts, labels)
+        return sum(seen)
+
+    whole, cropped = trained_chars(0.0), trained_chars(1.0)  # the same four batches (the order follows the seed)
+    assert 0.5 * whole <= cropped < 0.9 * whole
+
+
+def test_random_crop_fine_tuning_learns(order_data):
+    """Training with crops still learns, though a crop may cut the x or the y out of an order-task text over
+    MIN_CROP_CHARS long (its label is then wrong)."""
+    (texts, labels), (test_texts, test_labels) = order_data
+    clf = TextClassifier(**{**FAST, "random_crop": 0.3}).fit(texts, labels)
+    assert clf.score(test_texts, test_labels) >= 0.9
+    assert clf.checkpoint_config_["training"]["random_crop"] == 0.3
 
 
 def test_fit_leaves_the_callers_random_state_alone(order_data):
@@ -214,15 +260,17 @@ def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_da
     (64, False, False),    # an explicit choice wins either way
     (512, True, True),
     (64, "gradual", False),  # asking for gradual unfreezing asks to fine-tune
+    (64, "crop", False),  # so does asking for random crops (a probe reads whole texts once)
 ])
 def test_small_labelled_sets_fine_tune_as_a_linear_probe(tiny_run, order_data, n_texts, freeze, expect_probe):
     (texts, labels), _ = order_data
     texts, labels = (texts * 4)[:n_texts], (labels * 4)[:n_texts]
     lm, _ = load_language_model(tiny_run)
     gradual = True if freeze == "gradual" else None
-    freeze = None if freeze == "gradual" else freeze
+    crop = 0.5 if freeze == "crop" else 0.0
+    freeze = None if freeze in ("gradual", "crop") else freeze
     cfg = ClassifyConfig(**{**FAST, "init_from": str(tiny_run), "max_epochs": 3, "val_fraction": 0.0,
-                            "freeze_encoder": freeze, "gradual_unfreeze": gradual})
+                            "freeze_encoder": freeze, "gradual_unfreeze": gradual, "random_crop": crop})
     trainer = ClassifierTrainer(cfg, texts, labels)
     assert trainer.steps_per_epoch == n_texts // FAST["batch_size"]
     assert trainer.cfg.freeze_encoder is expect_probe  # the run records what it used
@@ -285,6 +333,9 @@ def test_fine_tuning_refuses_bidirectional(tiny_run):
 @pytest.mark.parametrize("settings, message", [
     ({"gradual_unfreeze": True}, "--gradual-unfreeze unfreezes a language model's layers.*--init-from"),
     ({"gradual_unfreeze": True, "freeze_encoder": True, "init_from": "lm"}, "nothing to unfreeze"),
+    ({"random_crop": 0.5, "freeze_encoder": True, "init_from": "lm"}, "nothing to crop; drop --random-crop"),
+    ({"random_crop": 1.5}, r"--random-crop must be a probability in \[0, 1\], got 1.5"),
+    ({"random_crop": -0.1}, "--random-crop must be a probability"),
 ])
 def test_contradictory_transfer_options_are_refused(settings, message):
     with pytest.raises(CharnnError, match=message):
@@ -380,10 +431,11 @@ def test_eval_writes_a_confusion_matrix_png(cli_run, tmp_path):
     assert forced.exit_code == 0, forced.output
 
 
-def test_interrupt_then_resume_matches_an_uninterrupted_run(order_data, tmp_path):
+@pytest.mark.parametrize("crop", [0.0, 0.5])
+def test_interrupt_then_resume_matches_an_uninterrupted_run(order_data, tmp_path, crop):
     (texts, labels), _ = order_data
     data = write_tsv(tmp_path / "train.tsv", texts[:200], labels[:200])
-    cfg = dict(FAST, max_epochs=3, patience=None, head_dropout=0.3, embed_dropout=0.1)
+    cfg = dict(FAST, max_epochs=3, patience=None, head_dropout=0.3, embed_dropout=0.1, random_crop=crop)
     full = ClassifierTrainer.from_files(ClassifyConfig(**cfg, out=str(tmp_path / "full")), data)
     full.fit()
 

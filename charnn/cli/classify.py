@@ -76,6 +76,10 @@ def _data_options(f):
 @click.option("--max-chars", type=int, default=1000, show_default=True, help="Truncate longer texts to this many characters; 0: never.")
 @click.option("--truncation", type=click.Choice(["head", "tail", "both"]), default="head", show_default=True,
               help="Which part of a text longer than --max-chars is kept: its head, its tail, or half of each.")
+@click.option("--random-crop", type=float, default=0.0, show_default=True,
+              help="Augmentation: each time a training text is drawn, with this probability it is cut to a random "
+                   "window of 50-100% of its characters (at least 10), so the classifier learns to use every cue in "
+                   "a text; 0.5 helped SMS spam (benchmarks/RESULTS.md). Not with a linear probe.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Texts per step.")
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Learning rate of the head (and of every layer without --layer-lr-decay).")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), default="adam", show_default=True)
