@@ -1228,7 +1228,8 @@ class ClassifierTrainer(BudgetClock):
             f"data: {len(self.texts):,} training / {len(self.val_texts):,} validation texts, vocabulary {len(self.vocab)}; "
             f"batch {c.batch_size}, {self.steps_per_epoch} steps per epoch\n"
             f"device: {self.device} ({self.precision}); lr {c.lr:g} ({c.schedule}, layer decay {c.lr_decay():g}), "
-            f"{unfreeze}{', balanced class weights' if c.balance else ''}\n"
+            f"{unfreeze}{', balanced class weights' if c.balance else ''}"
+            f"{f', random crops (p {c.random_crop:g})' if c.random_crop else ''}\n"
             f"run directory: {self.run_dir}"
         )
 

@@ -158,6 +158,8 @@ def test_random_crop_fine_tuning_learns(order_data):
     clf = TextClassifier(**{**FAST, "random_crop": 0.3}).fit(texts, labels)
     assert clf.score(test_texts, test_labels) >= 0.9
     assert clf.checkpoint_config_["training"]["random_crop"] == 0.3
+    trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "random_crop": 0.3}), texts, labels)
+    assert "random crops (p 0.3)" in trainer.describe()
 
 
 def test_fit_leaves_the_callers_random_state_alone(order_data):
