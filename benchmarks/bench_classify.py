@@ -83,7 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-patience", type=int, default=10, help="charnn patience at the per-class budgets.")
     p.add_argument("--max-chars", type=int, default=300, help="charnn truncates longer texts (keeping the head).")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--random-crop", type=float, default=0.0, help="charnn's --random-crop augmentation (0: off).")
+    p.add_argument("--random-crop", default="", metavar="DATASET:P,...",
+                   help="charnn's --random-crop P on these datasets with all labels, e.g. sms:0.5 (the per-class budgets "
+                        "keep their linear probe, which crops would turn off).")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--balance", default="names", help="Datasets (comma-separated) on which charnn uses balanced class weights.")
     p.add_argument("--ensemble", type=int, default=3, help="Members of charnn-ensemble.")
@@ -139,12 +141,18 @@ def tfidf_lr(fit_x, fit_y, val_x, val_y, test_x, classes):
                                "features": len(vec.vocabulary_)}
 
 
-def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, budget, balance, init_from=None, **overrides):
+def crop_probability(args, dataset: str) -> float:
+    """The --random-crop probability given for ``dataset`` (0: none)."""
+    spec = dict(item.split(":", 1) for item in args.random_crop.split(",") if item)
+    return float(spec.get(dataset, 0.0))
+
+
+def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, name, budget, balance, init_from=None, **overrides):
     """charnn's classifier with the benchmark's settings (``overrides``: other TextClassifier parameters)."""
     epochs, patience = (args.max_epochs, args.patience) if budget is None else (args.budget_max_epochs, args.budget_patience)
     params = dict(hidden=args.hidden, layers=1, embed_dim=64, max_epochs=epochs, patience=patience,
                   max_chars=args.max_chars, batch_size=args.batch_size, lr=args.lr, balance=balance,
-                  random_crop=args.random_crop,
+                  random_crop=crop_probability(args, name) if budget is None else 0.0,
                   init_from=init_from, seed=args.seed, device="cpu", quiet=True)
     clf = TextClassifier(**{**params, **overrides})
     clf.fit(fit_x, fit_y, val_texts=val_x, val_labels=val_y)
@@ -246,7 +254,7 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
             if system == "tfidf-lr":
                 pred, extra = tfidf_lr(fit_x, fit_y, val_x, val_y, test_x, classes)
             elif system in ("charnn-scratch", "charnn-finetune", "charnn-ensemble"):
-                pred, extra = charnn_fit(fit_x, fit_y.tolist(), val_x, val_y.tolist(), test_x, args, budget=budget,
+                pred, extra = charnn_fit(fit_x, fit_y.tolist(), val_x, val_y.tolist(), test_x, args, name=name, budget=budget,
                                          balance=name in args.balance.split(","),
                                          init_from=None if system == "charnn-scratch" else lm_path,
                                          ensemble=args.ensemble if system == "charnn-ensemble" else 1)

@@ -67,7 +67,7 @@ def main(argv=None) -> None:
                     if variant == "tfidf":
                         pred, _ = bc.tfidf_lr(fit_x, fit_y, val_x, val_y, test_x, classes)
                     else:
-                        pred, _ = bc.charnn_fit(fit_x, fit_y.tolist(), val_x, val_y.tolist(), test_x, args,
+                        pred, _ = bc.charnn_fit(fit_x, fit_y.tolist(), val_x, val_y.tolist(), test_x, args, name=name,
                                                 budget=budget, balance=name in args.balance.split(","),
                                                 init_from=str(lm), seed=seed, **variant_params(variant))
                     row = {"dataset": name, "per_class": budget or "all", "variant": variant, "seed": seed,
