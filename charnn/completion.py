@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CharnnError
+from .errors import CharnnError, is_integer, is_number
 from .inference import SMALL_BATCH, Stepper, blas_threads
 
 MODES = ("word", "phrase", "line")
@@ -142,16 +142,6 @@ def _bounded_int(name: str, value, most: int) -> int:
     return value
 
 
-def _is_int(value) -> bool:
-    """An integer of any integral type but bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    """A real number of any type but bool."""
-    return _is_int(value) or isinstance(value, (float, np.floating))
-
-
 class StateCache:
     """A bounded LRU map from a text to the model's (state, next-char logits) after reading it."""
 
@@ -253,13 +243,13 @@ class Completer:
                  length_penalty: float = 0.5, context_chars: int = 1024, cache_size: int = 512,
                  checkpoint_every: int = 64):
         checks = [
-            (_is_int(beam_width) and beam_width >= 1, f"beam_width must be an integer of at least 1, got {beam_width!r}"),
-            (_is_real(length_penalty) and length_penalty >= 0,
+            (is_integer(beam_width) and beam_width >= 1, f"beam_width must be an integer of at least 1, got {beam_width!r}"),
+            (is_number(length_penalty) and length_penalty >= 0,
              f"length_penalty must be a number of 0 or more, got {length_penalty!r}"),
-            (_is_int(context_chars) and context_chars >= 2,
+            (is_integer(context_chars) and context_chars >= 2,
              f"context_chars must be an integer of at least 2, got {context_chars!r}"),
-            (_is_int(cache_size) and cache_size >= 1, f"cache_size must be an integer of at least 1, got {cache_size!r}"),
-            (_is_int(checkpoint_every) and checkpoint_every >= 1,
+            (is_integer(cache_size) and cache_size >= 1, f"cache_size must be an integer of at least 1, got {cache_size!r}"),
+            (is_integer(checkpoint_every) and checkpoint_every >= 1,
              f"checkpoint_every must be an integer of at least 1, got {checkpoint_every!r}"),
         ]
         for ok, message in checks:

@@ -1,4 +1,6 @@
-"""User-facing errors: raised for bad input, printed by the CLI as one line."""
+"""User-facing errors: raised for bad input, printed by the CLI as one line; and the type checks of user settings."""
+
+import numbers
 
 
 class CharnnError(Exception):
@@ -9,3 +11,13 @@ class CharnnError(Exception):
     """
 
     exit_code = 2
+
+
+def is_integer(value) -> bool:
+    """An integer of any integral type (Python or numpy), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """A real number of any type (Python or numpy), but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

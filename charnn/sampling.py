@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .errors import CharnnError
+from .errors import CharnnError, is_integer, is_number
 from .inference import Stepper, blas_threads
 from .native import PRECISIONS
 from .vocab import UNK_ID, Vocabulary
@@ -77,14 +77,14 @@ class SamplingOptions:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         checks = [
-            (_is_int(self.length) and self.length >= 0, f"--length must be 0 or more, got {self.length!r}"),
-            (_is_num(self.temperature) and self.temperature >= 0 and math.isfinite(self.temperature),
+            (is_integer(self.length) and self.length >= 0, f"--length must be 0 or more, got {self.length!r}"),
+            (is_number(self.temperature) and self.temperature >= 0 and math.isfinite(self.temperature),
              f"--temperature must be 0 (greedy) or positive, got {self.temperature!r}"),
-            (self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), f"--top-k must be at least 1, got {self.top_k!r}"),
-            (self.top_p is None or (_is_num(self.top_p) and 0 < self.top_p <= 1),
+            (self.top_k is None or (is_integer(self.top_k) and self.top_k >= 1), f"--top-k must be at least 1, got {self.top_k!r}"),
+            (self.top_p is None or (is_number(self.top_p) and 0 < self.top_p <= 1),
              f"--top-p must be in (0, 1], got {self.top_p!r}"),
-            (_is_int(self.num_samples) and self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples!r}"),
-            (self.random_seed is None or (_is_int(self.random_seed) and self.random_seed >= 0),
+            (is_integer(self.num_samples) and self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples!r}"),
+            (self.random_seed is None or (is_integer(self.random_seed) and self.random_seed >= 0),
              f"--random-seed must be a non-negative integer, got {self.random_seed!r}"),
             (all(isinstance(s, str) and s for s in stop), "--stop strings must be non-empty"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
@@ -92,14 +92,6 @@ class SamplingOptions:
         for ok, message in checks:
             if not ok:
                 raise CharnnError(message)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .budget import BudgetBar, BudgetClock
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
 from .distributed import DistContext, init_from_env, shutdown
-from .errors import CharnnError
+from .errors import CharnnError, is_integer, is_number
 from .model import CharRNN, ModelConfig, bits_per_char, sequence_loss
 from .presets import recommend
 from .vocab import UNK_ID
@@ -139,13 +139,12 @@ def check_types(cfg) -> None:
         value, kinds = getattr(cfg, f.name), set(str(f.type).replace(" ", "").split("|"))
         if value is None and "None" in kinds:
             continue
-        is_bool = isinstance(value, (bool, np.bool_))
         if "bool" in kinds:
-            ok, want = is_bool, "True or False"
+            ok, want = isinstance(value, (bool, np.bool_)), "True or False"
         elif "int" in kinds:
-            ok, want = isinstance(value, (int, np.integer)) and not is_bool, "an integer"
+            ok, want = is_integer(value), "an integer"
         elif "float" in kinds:
-            ok, want = isinstance(value, (int, float, np.integer, np.floating)) and not is_bool, "a number"
+            ok, want = is_number(value), "a number"
         else:
             continue
         if not ok:
