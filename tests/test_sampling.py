@@ -679,3 +679,13 @@ def test_thread_tuner_keeps_the_faster_option():
         w = tuner.pick()
         tuner.record(w, cost[w])
     assert tuner.best == 1
+
+
+@pytest.mark.parametrize("options, message", [({"length": True}, "--length must be 0 or more, got True"),
+                                              ({"top_k": np.int64(3), "temperature": np.float32(0.5)}, None)])
+def test_sampling_settings_take_numpy_numbers_but_not_bools(lm, options, message):
+    if message is None:
+        assert len(lm.generate("The ", **{"length": 5, **options})) == 5
+        return
+    with pytest.raises(CharnnError, match=message):
+        lm.generate("The ", **options)
