@@ -230,9 +230,22 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
-        if isinstance(record, dict):  # anything else is not a record charnn wrote
+        if _is_metrics_record(record):  # anything else is not a record charnn wrote
             records.append(record)
     return records
+
+
+# fields charnn always writes as numbers (or null, for a value that was not finite)
+NUMERIC_METRICS = ("step", "epoch", "elapsed", "lr", "chars_per_sec", "train_loss", "val_loss", "val_bpc", "best_val_bpc",
+                   "val_accuracy", "val_macro_f1", "cv_log_loss")
+
+
+def _is_metrics_record(record: Any) -> bool:
+    """Whether a parsed line has the shape charnn writes: an object whose numeric fields hold numbers or null."""
+    if not isinstance(record, dict):
+        return False
+    return all(record.get(key) is None or (isinstance(record[key], (int, float)) and not isinstance(record[key], bool))
+               for key in NUMERIC_METRICS)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

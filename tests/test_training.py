@@ -340,11 +340,15 @@ def test_info_and_plot_skip_damaged_metrics_lines(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     good = (run / "metrics.jsonl").read_bytes()
-    (run / "metrics.jsonl").write_bytes(b"5\n[1, 2]\n\xff\xfe garbage\n" + good)  # hand-edited or damaged
+    hand_edited = b'{"step": "ten", "val_bpc": 1.5}\n{"step": 10, "val_bpc": "1.5"}\n{"step": 10, "val_bpc": true}\n'
+    (run / "metrics.jsonl").write_bytes(b"5\n[1, 2]\n\xff\xfe garbage\n" + hand_edited + good)  # hand-edited or damaged
     info = run_cli("info", run, "--json")
     assert info.exit_code == 0, info.output
     assert json.loads(info.stdout)["history"]["records"] == len(good.splitlines())
     assert run_cli("info", run).exit_code == 0
+    last = json.loads(good.splitlines()[-1])["step"]
+    ckpt.truncate_metrics(run, last)  # what a resume does: it reads every record's step
+    assert (run / "metrics.jsonl").read_bytes() == good
     if importlib.util.find_spec("matplotlib"):
         assert run_cli("plot", run, "-o", tmp_path / "curves.png").exit_code == 0
     (run / "metrics.jsonl").unlink()
