@@ -474,7 +474,8 @@ def _write_atomically(text: str, out_path: Path, overwrite: bool) -> None:
         os.replace(tmp_name, out_path)
         tmp_name = None
     except OSError as e:
-        raise CharnnError(f"cannot write {out_path} ({e.strerror or e})") from None
+        raise CharnnError(f"cannot write {out_path} ({e.strerror or e}); give an output path in a folder you can "
+                          "write") from None
     finally:
         _unlink_quietly(tmp_name)
 
@@ -523,7 +524,8 @@ def build_corpus(
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CharnnError(f"cannot create directory {out_path.parent} ({e.strerror or e})") from None
+        raise CharnnError(f"cannot create directory {out_path.parent} ({e.strerror or e}); "
+                          "give an output path in a folder you can write") from None
     _write_atomically(text, out_path, overwrite)
     return out_path
 

@@ -259,6 +259,26 @@ def test_cli_force_never_replaces_a_pipe_or_device(tmp_path):
     assert stat.S_ISFIFO(fifo.stat().st_mode) and leftovers(tmp_path) == []
 
 
+def test_cli_unwritable_output_names_the_fix(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder\n")
+    r = invoke("corpus", "build", "python-stdlib", "-o", str(blocker / "x.txt"), "--max-chars", "300")
+    assert r.exit_code == 2
+    assert r.output.startswith(f"error: cannot create directory {blocker} (") and r.output.count("\n") == 1
+    assert r.output.endswith("; give an output path in a folder you can write\n")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.MonkeyPatch.context() as m:  # root may write anywhere, so the refusal is simulated
+        m.setattr(corpora.tempfile, "mkstemp", refused)
+        r = invoke("corpus", "build", "python-stdlib", "-o", str(tmp_path / "y.txt"), "--max-chars", "300")
+    assert r.exit_code == 2
+    assert r.output == (f"error: cannot write {tmp_path / 'y.txt'} (Permission denied); "
+                        "give an output path in a folder you can write\n")
+    assert leftovers(tmp_path) == []
+
+
 def test_cli_output_appearing_during_the_build_still_names_force(tmp_path, monkeypatch):
     out = tmp_path / "x.txt"
     real = corpora.corpus_text
