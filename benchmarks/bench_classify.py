@@ -86,6 +86,11 @@ def parse_args(argv=None):
     p.add_argument("--random-crop", default="", metavar="DATASET:P,...",
                    help="charnn's --random-crop P on these datasets with all labels, e.g. sms:0.5 (the per-class budgets "
                         "keep their linear probe, which crops would turn off).")
+    p.add_argument("--newline-frame", default="", metavar="DATASET,...",
+                   help="charnn's --newline-frame on these datasets' fine-tuned classifiers with all labels, e.g. sms "
+                        "(the language model's corpus holds one training text per line).")
+    p.add_argument("--pool-every-layer", default="", metavar="DATASET,...",
+                   help="charnn's --pool-layers all on these datasets' fine-tuned classifiers with all labels, e.g. sms.")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--balance", default="names", help="Datasets (comma-separated) on which charnn uses balanced class weights.")
     p.add_argument("--ensemble", type=int, default=3, help="Members of charnn-ensemble.")
@@ -147,12 +152,20 @@ def crop_probability(args, dataset: str) -> float:
     return float(spec.get(dataset, 0.0))
 
 
+def all_label_options(args, dataset: str, fine_tuned: bool) -> dict:
+    """The TextClassifier options that --random-crop, --newline-frame and --pool-every-layer give ``dataset`` with all
+    labels (the last two for fine-tuned classifiers only)."""
+    listed = {flag: dataset in getattr(args, flag).split(",") for flag in ("newline_frame", "pool_every_layer")}
+    return {"random_crop": crop_probability(args, dataset), "newline_frame": fine_tuned and listed["newline_frame"],
+            "pool_layers": "all" if fine_tuned and listed["pool_every_layer"] else "top"}
+
+
 def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, name, budget, balance, init_from=None, **overrides):
     """charnn's classifier with the benchmark's settings (``overrides``: other TextClassifier parameters)."""
     epochs, patience = (args.max_epochs, args.patience) if budget is None else (args.budget_max_epochs, args.budget_patience)
     params = dict(hidden=args.hidden, layers=1, embed_dim=64, max_epochs=epochs, patience=patience,
                   max_chars=args.max_chars, batch_size=args.batch_size, lr=args.lr, balance=balance,
-                  random_crop=crop_probability(args, name) if budget is None else 0.0,
+                  **(all_label_options(args, name, init_from is not None) if budget is None else {}),
                   init_from=init_from, seed=args.seed, device="cpu", quiet=True)
     clf = TextClassifier(**{**params, **overrides})
     clf.fit(fit_x, fit_y, val_texts=val_x, val_labels=val_y)

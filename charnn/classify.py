@@ -49,7 +49,7 @@ from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError
-from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_recurrent
+from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_layers, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
 from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, caller_rng_kept,
                        check_types, make_optimizer)
@@ -57,6 +57,8 @@ from .vocab import Vocabulary
 
 KIND = "classifier"
 POOLINGS = ("last", "mean", "max", "concat")
+POOL_LAYERS = ("top", "all")  # the head reads the top layer, or every layer (ELMo-style)
+FRAME = "\n"  # --newline-frame: a text is read between newlines, as a line of a language model's corpus
 TRUNCATIONS = ("head", "tail", "both")
 THRESHOLD = 0.5  # multi-label: a class is predicted when its probability reaches this
 MIN_CROP_CHARS = 10  # --random-crop keeps at least this many characters, and leaves shorter texts whole
@@ -354,8 +356,10 @@ def truncate(text: str, max_chars: int | None, keep: str = "head") -> str:
     return text[:head] + text[len(text) - (max_chars - head):]
 
 
-def encode_texts(texts: Sequence[str], vocab: Vocabulary, max_chars: int | None, keep: str) -> list[np.ndarray]:
-    return [vocab.encode(truncate(t, max_chars, keep)) for t in texts]
+def encode_texts(texts: Sequence[str], vocab: Vocabulary, max_chars: int | None, keep: str,
+                 frame: str = "") -> list[np.ndarray]:
+    """Character ids of each text, truncated to ``max_chars`` and then put between ``frame`` strings."""
+    return [vocab.encode(frame + truncate(t, max_chars, keep) + frame) for t in texts]
 
 
 def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
@@ -409,6 +413,10 @@ class ClassifierNet(nn.Module):
     The ``embed`` and ``rnn`` submodules have a language model's parameter
     names and shapes, so :meth:`load_encoder` copies a trained LM's exactly.
 
+    With ``pool_layers="all"`` the head reads the pooled outputs of every
+    layer, not the top layer's only (as ELMo reads every layer of its language
+    model); the stack then runs one layer at a time, padded.
+
     Padding never reaches the pooled features: batches hold texts of similar
     length, and ``packing`` picks how the recurrent stack skips the padding.
     ``"packed"``: packed sequences, no step is computed on padding. ``"padded"``
@@ -422,16 +430,23 @@ class ClassifierNet(nn.Module):
     """
 
     def __init__(self, encoder: ModelConfig, n_outputs: int, pooling: str = "concat", bidirectional: bool = False,
-                 head_dropout: float = 0.0):
+                 head_dropout: float = 0.0, pool_layers: str = "top"):
         super().__init__()
         if pooling not in POOLINGS:
             raise CharnnError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if pool_layers not in POOL_LAYERS:
+            raise CharnnError(f"--pool-layers must be one of {', '.join(POOL_LAYERS)}, got {pool_layers!r}")
         self.encoder_config, self.pooling, self.bidirectional = encoder, pooling, bidirectional
+        self.pool_layers = pool_layers
         base = CharRNN(replace(encoder, tie_weights=False))
         self.embed, self.embed_drop = base.embed, base.embed_drop
         self.rnn = _bidirectional_stack(encoder) if bidirectional else base.rnn
+        if pool_layers == "all" and (bidirectional or not isinstance(self.rnn, nn.RNNBase)):
+            raise CharnnError("--pool-layers all reads a forward stack of the library cell; drop --bidirectional "
+                              "(and --gate-slope/--layer-norm), or --pool-layers all")
         directions = 2 if bidirectional else 1
-        self.features = encoder.hidden * directions * (3 if pooling == "concat" else 1)
+        read = encoder.layers if pool_layers == "all" else 1
+        self.features = encoder.hidden * directions * (3 if pooling == "concat" else 1) * read
         self.head_drop = Dropout(head_dropout)
         self.head = nn.Linear(self.features, n_outputs)
         self.packing = "auto"
@@ -447,6 +462,10 @@ class ClassifierNet(nn.Module):
     def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pooled features (batch, features) of right-padded ``ids`` with true ``lengths``."""
         x = self.embed_drop(self.embed(ids))
+        if self.pool_layers == "all":  # forward only, padded: each layer's valid steps are pooled on their own
+            _, _, outputs = run_layers(self.rnn, x)
+            rows, ends = torch.arange(ids.size(0), device=ids.device), lengths.to(ids.device) - 1
+            return torch.cat([pool(out, out[rows, ends], lengths.to(out.device), self.pooling) for out in outputs], 1)
         if self.packs(x.device):
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out, h = self.rnn(packed)
@@ -685,6 +704,8 @@ class ClassifyConfig:
     max_chars: int | None = 1000
     truncation: str = "head"
     random_crop: float = 0.0  # augmentation: the probability that a drawn training text is cut to a random window
+    pool_layers: str = "top"  # "all": the head reads every recurrent layer's pooled outputs
+    newline_frame: bool = False  # read "\n" + text + "\n", as a language model trained on one text per line saw it
     # transfer
     init_from: str | None = None
     freeze_encoder: bool | None = None  # None: on when fine-tuning with < PROBE_BELOW_STEPS_PER_EPOCH steps per epoch
@@ -745,6 +766,8 @@ class ClassifyConfig:
         checks = [
             (self.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}"),
             (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
+            (self.pool_layers in POOL_LAYERS,
+             f"--pool-layers must be one of {', '.join(POOL_LAYERS)}, got {self.pool_layers!r}"),
             (self.truncation in TRUNCATIONS, f"--truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.weight_decay is None or self.weight_decay >= 0,
@@ -767,6 +790,8 @@ class ClassifyConfig:
             (self.ensemble >= 1, f"--ensemble must be at least 1 (1: a single classifier), got {self.ensemble}"),
             (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
+            (not (self.bidirectional and self.pool_layers == "all"), "--pool-layers all reads a forward stack; "
+             "drop --bidirectional or --pool-layers all"),
             (not (self.bidirectional and self.init_from), "--bidirectional trains from scratch only (a language model "
              "reads left to right); drop --bidirectional or --init-from"),
             (not (self.freeze_encoder and not self.init_from), "--freeze-encoder keeps a language model's encoder fixed; "
@@ -787,6 +812,11 @@ class ClassifyConfig:
         """Seed of the weights, dropout and batch order: ``seed`` for the first member, then ``seed`` + 1...
         (the validation split always follows ``seed``, so every member validates on the same texts)."""
         return self.seed + self.member
+
+    @property
+    def frame(self) -> str:
+        """What goes before and after every text."""
+        return FRAME if self.newline_frame else ""
 
     def encoder_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, layers=self.layers, hidden=self.hidden,
@@ -886,14 +916,18 @@ class ClassifierTrainer(BudgetClock):
             for name in ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout"):
                 setattr(cfg, name, getattr(lm.config, name))  # the run's settings say what it really used
         else:
-            self.vocab = Vocabulary.from_text("".join(texts), min_count=cfg.min_char_count)
+            chars = Vocabulary.from_text("".join(texts), min_count=cfg.min_char_count).chars
+            self.vocab = Vocabulary(chars + list(cfg.frame))  # the frame is known however rare in the texts
             self.encoder_config = cfg.encoder_config(len(self.vocab))
-        self.train_ids = encode_texts(texts, self.vocab, cfg.max_chars, cfg.truncation)
-        self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation)
+        if cfg.frame and cfg.frame not in self.vocab:
+            raise CharnnError(f"--newline-frame needs a newline in the language model's vocabulary, and "
+                              f"{cfg.init_from} has none (its corpus had no line breaks); drop --newline-frame")
+        self.train_ids = encode_texts(texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
+        self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
         self.lengths = np.array([len(e) for e in self.train_ids], dtype=np.int64)
         torch.manual_seed(cfg.init_seed)
         self.net = ClassifierNet(self.encoder_config, len(self.classes), cfg.pooling, cfg.bidirectional,
-                                 cfg.head_dropout).to(self.device)
+                                 cfg.head_dropout, cfg.pool_layers).to(self.device)
         if lm is not None:
             self.net.load_encoder(lm)
         self.groups = self.net.layer_groups()
@@ -984,7 +1018,8 @@ class ClassifierTrainer(BudgetClock):
         self.lm_path = source.config["classifier"].get("init_from")
         best_dir = self.run_dir / "best"
         if ckpt.is_checkpoint_dir(best_dir):
-            best_net = ClassifierNet(self.encoder_config, len(self.classes), self.cfg.pooling, self.cfg.bidirectional)
+            best_net = ClassifierNet(self.encoder_config, len(self.classes), self.cfg.pooling, self.cfg.bidirectional,
+                                     pool_layers=self.cfg.pool_layers)
             ckpt.load_checkpoint(best_dir).load_weights(best_net)
             self.best_state = {k: v.detach().clone() for k, v in best_net.state_dict().items()}
         torch.set_rng_state(tensors["rng.torch"])  # last: building a network above draws random numbers
@@ -1176,6 +1211,7 @@ class ClassifierTrainer(BudgetClock):
                 "classes": [_py(c) for c in self.classes.tolist()], "multi_label": cfg.multi_label,
                 "pooling": cfg.pooling, "bidirectional": cfg.bidirectional, "head_dropout": cfg.head_dropout,
                 "max_chars": cfg.max_chars, "truncation": cfg.truncation, "threshold": THRESHOLD,
+                "pool_layers": cfg.pool_layers, "frame": cfg.frame,
                 "init_from": getattr(self, "lm_path", None),
             },
             "training": cfg.to_dict(),
@@ -1229,7 +1265,8 @@ class ClassifierTrainer(BudgetClock):
             f"batch {c.batch_size}, {self.steps_per_epoch} steps per epoch\n"
             f"device: {self.device} ({self.precision}); lr {c.lr:g} ({c.schedule}, layer decay {c.lr_decay():g}), "
             f"{unfreeze}{', balanced class weights' if c.balance else ''}"
-            f"{f', random crops (p {c.random_crop:g})' if c.random_crop else ''}\n"
+            f"{f', random crops (p {c.random_crop:g})' if c.random_crop else ''}"
+            f"{', every layer pooled' if c.pool_layers == 'all' else ''}{', texts framed by newlines' if c.frame else ''}\n"
             f"run directory: {self.run_dir}"
         )
 
@@ -1421,7 +1458,8 @@ def load_classifier(path: str | Path | None = None, *, which: str = "best", devi
         encoder = ModelConfig.from_dict(ck.config["model"])
         meta = ck.config["classifier"]
         members = [ClassifierNet(encoder, len(meta["classes"]), meta["pooling"], meta["bidirectional"],
-                                 meta["head_dropout"]) for _ in range(meta.get("members", 1))]
+                                 meta["head_dropout"], meta.get("pool_layers", "top"))
+                   for _ in range(meta.get("members", 1))]
         net = members[0] if len(members) == 1 else ClassifierEnsemble(members, meta["multi_label"])
     except (KeyError, TypeError) as e:
         raise CharnnError(f"{ck.path / ckpt.CONFIG} is damaged (classifier settings: {e}); use another checkpoint") from e
@@ -1499,7 +1537,8 @@ class TextClassifier(_Params):
 
     def __init__(self, *, cell="lstm", layers=1, hidden=256, embed_dim=64, dropout=0.0, embed_dropout=0.0,
                  bidirectional=False, min_char_count=1, pooling="concat", head_dropout=0.2, multi_label=False,
-                 balance=False, max_chars=1000, truncation="head", random_crop=0.0, init_from=None, freeze_encoder=None,
+                 balance=False, max_chars=1000, truncation="head", random_crop=0.0, pool_layers="top",
+                 newline_frame=False, init_from=None, freeze_encoder=None,
                  gradual_unfreeze=None, layer_lr_decay=None, batch_size=32, lr=3e-3, optimizer="adam",
                  weight_decay=None, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
                  min_lr_ratio=0.05, ensemble=1, max_epochs=30, max_steps=None, time_budget=None, patience=5,
@@ -1509,7 +1548,7 @@ class TextClassifier(_Params):
         self.dropout, self.embed_dropout, self.bidirectional = dropout, embed_dropout, bidirectional
         self.min_char_count, self.pooling, self.head_dropout = min_char_count, pooling, head_dropout
         self.multi_label, self.balance, self.max_chars, self.truncation = multi_label, balance, max_chars, truncation
-        self.random_crop = random_crop
+        self.random_crop, self.pool_layers, self.newline_frame = random_crop, pool_layers, newline_frame
         self.init_from, self.freeze_encoder, self.gradual_unfreeze = init_from, freeze_encoder, gradual_unfreeze
         self.layer_lr_decay, self.batch_size, self.lr, self.optimizer = layer_lr_decay, batch_size, lr, optimizer
         self.weight_decay, self.momentum, self.nesterov, self.grad_clip = weight_decay, momentum, nesterov, grad_clip
@@ -1551,7 +1590,7 @@ class TextClassifier(_Params):
         """Raw class scores (logits), shape (n_texts, n_classes)."""
         self._check_fitted()
         meta = self.checkpoint_config_["classifier"]
-        encoded = encode_texts(check_texts(X), self.vocab_, meta["max_chars"], meta["truncation"])
+        encoded = encode_texts(check_texts(X), self.vocab_, meta["max_chars"], meta["truncation"], meta.get("frame", ""))
         return predict_logits(self.net_, encoded, device=self.device_, precision=self.precision_)
 
     def predict_proba(self, X) -> np.ndarray:

@@ -181,6 +181,17 @@ def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None, weight_drop: floa
         weight_drop > 0 or (rnn.dropout > 0 and rnn.num_layers > 1 and x.device.type == "cpu"))
     if not layered:
         return rnn(x, state)
+    out, state, _ = run_layers(rnn, x, state, weight_drop)
+    return out, state
+
+
+def run_layers(rnn: nn.RNNBase, x: torch.Tensor, state=None, weight_drop: float = 0.0):
+    """A forward, batch-first library stack run one layer at a time through the fused kernel.
+
+    Returns the top layer's outputs, the final state, and every layer's outputs (batch, time, hidden),
+    bottom first. In training, dropout between layers applies as in the fused stack, and ``weight_drop``
+    (DropConnect on the recurrent weights) as in :func:`run_recurrent`.
+    """
     lstm = isinstance(rnn, nn.LSTM)
     if isinstance(rnn, nn.GRU):
         kernel = torch._VF.gru
@@ -189,21 +200,22 @@ def run_recurrent(rnn: nn.Module, x: torch.Tensor, state=None, weight_drop: floa
     if state is None:
         zeros = x.new_zeros(rnn.num_layers, x.size(0), rnn.hidden_size)
         state = (zeros, zeros.clone()) if lstm else zeros
-    out, hs, cs = x, [], []
+    out, hs, cs, outputs = x, [], [], []
     for k in range(rnn.num_layers):
         weights = [getattr(rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        if weight_drop > 0:
+        if weight_drop > 0 and rnn.training:
             weights[1] = dropout(weights[1], weight_drop)
         if k:
-            out = dropout(out, rnn.dropout)
+            out = dropout(out, rnn.dropout, rnn.training)
         if lstm:
-            out, h, c = torch._VF.lstm(out, (state[0][k:k + 1], state[1][k:k + 1]), weights, True, 1, 0.0, True,
-                                       False, True)
+            out, h, c = torch._VF.lstm(out, (state[0][k:k + 1], state[1][k:k + 1]), weights, True, 1, 0.0,
+                                       rnn.training, False, True)
             cs.append(c)
         else:
-            out, h = kernel(out, state[k:k + 1], weights, True, 1, 0.0, True, False, True)
+            out, h = kernel(out, state[k:k + 1], weights, True, 1, 0.0, rnn.training, False, True)
         hs.append(h)
-    return out, ((torch.cat(hs), torch.cat(cs)) if lstm else torch.cat(hs))
+        outputs.append(out)
+    return out, ((torch.cat(hs), torch.cat(cs)) if lstm else torch.cat(hs)), outputs
 
 
 def build_recurrent(c: ModelConfig) -> nn.Module:

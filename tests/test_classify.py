@@ -211,6 +211,76 @@ def test_padding_never_changes_a_texts_features(bidirectional, pooling):
             assert torch.allclose(batched[i], alone[i][0], atol=1e-5), (mode, i)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_pooling_every_layer_adds_the_lower_layers_to_the_top_layers_exact_features(cell):
+    config = ModelConfig(vocab_size=10, layers=3, hidden=8, embed_dim=4, cell=cell)
+    torch.manual_seed(0)
+    top = ClassifierNet(config, 3).eval()
+    every = ClassifierNet(config, 3, pool_layers="all").eval()
+    every.load_state_dict({k: v for k, v in top.state_dict().items() if not k.startswith("head.")}, strict=False)
+    assert every.features == 3 * top.features and every.head.in_features == every.features
+    rng = np.random.default_rng(0)
+    encoded = [rng.integers(1, 10, size=n) for n in (3, 11, 7, 1)]
+    batch = collate(encoded, np.arange(len(encoded)))
+    features = every.encode(*batch)
+    assert features.shape == (len(encoded), every.features)
+    assert torch.equal(features[:, -top.features:], top.encode(*batch))  # layer by layer, the same kernel
+    assert not torch.allclose(features[:, :top.features], features[:, -top.features:])
+    for i in range(len(encoded)):  # padding reaches no layer's pooled features
+        assert torch.allclose(every.encode(*collate(encoded, np.array([i])))[0], features[i], atol=1e-5)
+
+
+def test_pooling_every_layer_needs_a_forward_stack():
+    with pytest.raises(CharnnError, match="--pool-layers all reads a forward stack"):
+        ClassifierNet(ModelConfig(vocab_size=10, layers=2, hidden=8, embed_dim=4), 3, bidirectional=True,
+                      pool_layers="all")
+    with pytest.raises(CharnnError, match="--pool-layers all reads a forward stack; drop --bidirectional"):
+        ClassifyConfig(bidirectional=True, pool_layers="all").validate()
+    with pytest.raises(CharnnError, match="--pool-layers must be one of top, all, got 'every'"):
+        ClassifyConfig(pool_layers="every").validate()
+
+
+def test_newline_frame_and_every_layer_through_fit_save_load_and_the_cli(tiny_run, order_data, tmp_path):
+    (texts, labels), (test_texts, _) = order_data
+    settings = {**FAST, "init_from": str(tiny_run), "newline_frame": True, "pool_layers": "all", "max_chars": 6,
+                "max_steps": 3, "freeze_encoder": False}
+    trainer = ClassifierTrainer(ClassifyConfig(**settings), texts[:64], labels[:64])
+    newline = trainer.vocab.index["\n"]
+    for ids, text in zip(trainer.train_ids, trainer.texts):  # truncated first, then framed
+        assert ids[0] == ids[-1] == newline and len(ids) == min(len(text), 6) + 2
+    assert "every layer pooled, texts framed by newlines" in trainer.describe()
+    clf = TextClassifier(**settings, out=str(tmp_path / "run")).fit(texts[:64], labels[:64])
+    meta = clf.checkpoint_config_["classifier"]
+    assert meta["frame"] == "\n" and meta["pool_layers"] == "all"
+    loaded = TextClassifier.load(tmp_path / "run")
+    assert np.array_equal(loaded.predict_proba(test_texts), clf.predict_proba(test_texts))  # bit for bit
+    framed = encode_texts(test_texts, loaded.vocab_, 6, "head", "\n")
+    assert np.array_equal(loaded.decision_function(test_texts), predict_logits(loaded.net_, framed))
+    assert not np.array_equal(loaded.decision_function(test_texts),
+                              predict_logits(loaded.net_, encode_texts(test_texts, loaded.vocab_, 6, "head")))
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
+    assert info.exit_code == 0, info.output
+    assert "concat pooling of every layer" in info.output and "each text framed by newlines" in info.output
+    bad = CliRunner().invoke(main, ["classify", "train", str(write_tsv(tmp_path / "d.tsv", texts, labels)),
+                                    "--pool-layers", "all", "--bidirectional", "--out", str(tmp_path / "r2")])
+    assert bad.exit_code != 0 and bad.output.count("\n") == 1 and "drop --bidirectional" in bad.output
+
+
+def test_newline_frame_from_scratch_knows_the_newline_and_needs_one_in_a_language_model(tiny_run, order_data, tmp_path):
+    (texts, labels), _ = order_data
+    trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "newline_frame": True, "min_char_count": 1000}),
+                                texts[:64], labels[:64])
+    assert trainer.vocab.chars[1:] == ["\n"]  # however rare: the frame is never unknown
+    lm = tmp_path / "lm"
+    shutil.copytree(tiny_run, lm)
+    for which in ("best", "last"):  # a language model whose corpus had no line breaks
+        vocab = json.loads((lm / which / "vocab.json").read_text(encoding="utf-8"))
+        vocab["chars"] = [c if c != "\n" else "\x01" for c in vocab["chars"]]
+        (lm / which / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(CharnnError, match="--newline-frame needs a newline in the language model's vocabulary"):
+        ClassifierTrainer(ClassifyConfig(**{**FAST, "init_from": str(lm), "newline_frame": True}), texts[:64], labels[:64])
+
+
 # -- transfer from a language model ---------------------------------------------------------------------------
 def lm_params(lm) -> dict[str, torch.Tensor]:
     return {**{f"embed.{k}": v for k, v in lm.embed.state_dict().items()},

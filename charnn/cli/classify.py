@@ -71,6 +71,12 @@ def _data_options(f):
 @click.option("--min-char-count", type=int, default=1, show_default=True, help="Rarer characters map to the unknown symbol (from scratch).")
 @click.option("--pooling", type=click.Choice(["last", "mean", "max", "concat"]), default="concat", show_default=True,
               help="Pool the recurrent outputs over time; concat = last + mean + max.")
+@click.option("--pool-layers", type=click.Choice(["top", "all"]), default="top", show_default=True,
+              help="Pool the top recurrent layer, or every layer, each pooled alike (ELMo-style: the head also sees "
+                   "a language model's lower layers). Forward stacks only.")
+@click.option("--newline-frame", is_flag=True,
+              help="Read each text as a line, between newlines: how a language model trained on one text per line "
+                   "saw each one (--init-from).")
 @click.option("--head-dropout", type=float, default=0.2, show_default=True, help="Dropout before the linear head.")
 @click.option("--balance", is_flag=True, help="Weight classes by inverse frequency (helps macro-F1 on imbalanced data).")
 @click.option("--max-chars", type=int, default=1000, show_default=True, help="Truncate longer texts to this many characters; 0: never.")

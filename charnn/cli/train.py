@@ -295,7 +295,9 @@ def _classifier_lines(c: dict) -> list[str]:
              else "truncation: none (texts are never cut)")
     return [
         f"classifier: {len(classes)} classes, {kind}: {shown}",
-        f"encoder: {direction}, {c.get('pooling')} pooling, head dropout {c.get('head_dropout')}",
+        f"encoder: {direction}, {c.get('pooling')} pooling of {'every layer' if c.get('pool_layers') == 'all' else 'the top layer'}, "
+        f"head dropout {c.get('head_dropout')}",
+        *(["input: each text framed by newlines (read as a line of the language model's corpus)"] if c.get("frame") else []),
         keeps,
         f"language model: {c['init_from'] if c.get('init_from') else 'none (the encoder was trained from scratch)'}",
     ]
