@@ -441,9 +441,11 @@ class ClassifierNet(nn.Module):
         base = CharRNN(replace(encoder, tie_weights=False))
         self.embed, self.embed_drop = base.embed, base.embed_drop
         self.rnn = _bidirectional_stack(encoder) if bidirectional else base.rnn
-        if pool_layers == "all" and (bidirectional or not isinstance(self.rnn, nn.RNNBase)):
-            raise CharnnError("--pool-layers all reads a forward stack of the library cell; drop --bidirectional "
-                              "(and --gate-slope/--layer-norm), or --pool-layers all")
+        if pool_layers == "all" and bidirectional:
+            raise CharnnError("--pool-layers all reads a forward stack; drop --bidirectional or --pool-layers all")
+        if pool_layers == "all" and not isinstance(self.rnn, nn.RNNBase):
+            raise CharnnError("--pool-layers all runs the library's LSTM/GRU/RNN kernels one layer at a time, and this "
+                              "encoder uses charnn's own cell (--gate-slope or --layer-norm); drop --pool-layers all")
         directions = 2 if bidirectional else 1
         read = encoder.layers if pool_layers == "all" else 1
         self.features = encoder.hidden * directions * (3 if pooling == "concat" else 1) * read

@@ -236,6 +236,8 @@ def test_pooling_every_layer_needs_a_forward_stack():
                       pool_layers="all")
     with pytest.raises(CharnnError, match="--pool-layers all reads a forward stack; drop --bidirectional"):
         ClassifyConfig(bidirectional=True, pool_layers="all").validate()
+    with pytest.raises(CharnnError, match="this encoder uses charnn's own cell .*; drop --pool-layers all"):
+        ClassifierNet(ModelConfig(vocab_size=10, layers=2, hidden=8, embed_dim=4, layer_norm=True), 3, pool_layers="all")
     with pytest.raises(CharnnError, match="--pool-layers must be one of top, all, got 'every'"):
         ClassifyConfig(pool_layers="every").validate()
 
