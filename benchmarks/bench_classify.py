@@ -6,7 +6,7 @@ For each dataset (../shared/datasets/names.tsv: surnames in 20 languages;
 1. a fixed stratified train/test split (``--test-fraction`` of every class
    tests, seed ``--split-seed``);
 2. a character language model trained with ``charnn.train`` on the training
-   texts only, joined by newlines (no labels), for ``--lm-time`` seconds;
+   texts only, joined by newlines (no labels), for ``--lm-time`` seconds (or ``--lm-steps`` steps);
 3. at every label budget (all labels, then ``--budgets`` examples per class,
    sampled from the training part; a class with fewer takes all it has), the
    labelled examples are split once more, stratified (``--val-fraction``,
@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="charnn's training seed.")
     p.add_argument("--hidden", type=int, default=256, help="Hidden units of each LM layer and of the scratch classifier (1 layer).")
     p.add_argument("--lm-time", type=float, default=120, help="Seconds of language-model training per dataset.")
+    p.add_argument("--lm-steps", type=int, default=None,
+                   help="Train each language model for this many steps instead of --lm-time seconds, so the machine's "
+                        "pace cannot change the model (2,350 steps is about 150 s on 2 idle cores).")
     p.add_argument("--lm-layers", type=int, default=2,
                    help="Recurrent layers of the language model, and so of the fine-tuned encoder (2: the SMS "
                         "targets at 10-200 per class, benchmarks/RESULTS.md, session 9).")
@@ -207,7 +210,8 @@ def train_lm(texts: list[str], args, workdir: Path) -> tuple[str, dict]:
     t0 = time.perf_counter()
     result = train(TrainConfig(corpus=[str(corpus)], cell="lstm", layers=args.lm_layers, hidden=args.hidden, embed_dim=64,
                                batch_size=32, seq_len=64, lr=2e-3, warmup_steps=50, dropout=args.lm_dropout,
-                               time_budget=args.lm_time, val_fraction=0.05, patience=4, eval_every=100, seed=args.seed,
+                               time_budget=None if args.lm_steps else args.lm_time, max_steps=args.lm_steps,
+                               val_fraction=0.05, patience=4, eval_every=100, seed=args.seed,
                                device="cpu", out=str(workdir / "lm"), quiet=True))
     return str(result.run_dir), {"seconds": round(time.perf_counter() - t0, 1), "chars": len(corpus.read_text()),
                                  "best_val_bpc": result.best_val_bpc, "steps": result.steps,
@@ -243,7 +247,7 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
     systems = args.systems.split(",")
     lm_path, lm_info = None, None
     if {"charnn-finetune", "charnn-ensemble"} & set(systems):
-        log(f"[{name}] language model on the {len(pool_x):,} training texts ({args.lm_time:g} s)")
+        log(f"[{name}] language model on the {len(pool_x):,} training texts ({f'{args.lm_steps:,} steps' if args.lm_steps else f'{args.lm_time:g} s'})")
         lm_path, lm_info = train_lm(pool_x, args, workdir / name)
         log(f"[{name}] language model: {lm_info}")
     budgets = [None] + [int(b) for b in args.budgets.split(",") if b.strip()]
