@@ -158,9 +158,10 @@ def crop_probability(args, dataset: str) -> float:
 def all_label_options(args, dataset: str, fine_tuned: bool) -> dict:
     """The TextClassifier options that --random-crop, --newline-frame and --pool-every-layer give ``dataset`` with all
     labels (the last two for fine-tuned classifiers only)."""
-    listed = {flag: dataset in getattr(args, flag).split(",") for flag in ("newline_frame", "pool_every_layer")}
-    return {"random_crop": crop_probability(args, dataset), "newline_frame": fine_tuned and listed["newline_frame"],
-            "pool_layers": "all" if fine_tuned and listed["pool_every_layer"] else "top"}
+    frame = fine_tuned and dataset in args.newline_frame.split(",")
+    every_layer = fine_tuned and dataset in args.pool_every_layer.split(",")
+    return {"random_crop": crop_probability(args, dataset), "newline_frame": frame,
+            "pool_layers": "all" if every_layer else "top"}
 
 
 def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, name, budget, balance, init_from=None, **overrides):

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .errors import CharnnError
+from .errors import CharnnError, is_number
 from .vocab import Vocabulary
 
 FORMAT = "charnn-checkpoint"
@@ -244,8 +244,7 @@ def _is_metrics_record(record: Any) -> bool:
     """Whether a parsed line has the shape charnn writes: an object whose numeric fields hold numbers or null."""
     if not isinstance(record, dict):
         return False
-    return all(record.get(key) is None or (isinstance(record[key], (int, float)) and not isinstance(record[key], bool))
-               for key in NUMERIC_METRICS)
+    return all(record.get(key) is None or is_number(record[key]) for key in NUMERIC_METRICS)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -466,8 +466,9 @@ class ClassifierNet(nn.Module):
         x = self.embed_drop(self.embed(ids))
         if self.pool_layers == "all":  # forward only, padded: each layer's valid steps are pooled on their own
             _, _, outputs = run_layers(self.rnn, x)
-            rows, ends = torch.arange(ids.size(0), device=ids.device), lengths.to(ids.device) - 1
-            return torch.cat([pool(out, out[rows, ends], lengths.to(out.device), self.pooling) for out in outputs], 1)
+            lengths = lengths.to(x.device)
+            rows = torch.arange(ids.size(0), device=x.device)
+            return torch.cat([pool(out, out[rows, lengths - 1], lengths, self.pooling) for out in outputs], 1)
         if self.packs(x.device):
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out, h = self.rnn(packed)
@@ -928,8 +929,7 @@ class ClassifierTrainer(BudgetClock):
         self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
         self.lengths = np.array([len(e) for e in self.train_ids], dtype=np.int64)
         torch.manual_seed(cfg.init_seed)
-        self.net = ClassifierNet(self.encoder_config, len(self.classes), cfg.pooling, cfg.bidirectional,
-                                 cfg.head_dropout, cfg.pool_layers).to(self.device)
+        self.net = self._new_net().to(self.device)
         if lm is not None:
             self.net.load_encoder(lm)
         self.groups = self.net.layer_groups()
@@ -1009,6 +1009,12 @@ class ClassifierTrainer(BudgetClock):
                               "start a new run on the new data")
         return trainer
 
+    def _new_net(self) -> ClassifierNet:
+        """A freshly initialised network of this run's architecture (on the CPU)."""
+        c = self.cfg
+        return ClassifierNet(self.encoder_config, len(self.classes), c.pooling, c.bidirectional, c.head_dropout,
+                             c.pool_layers)
+
     def _restore(self, source: ckpt.Checkpoint) -> None:
         source.load_weights(self.net, self.device)
         st, tensors = source.train_state, source.train_tensors
@@ -1020,8 +1026,7 @@ class ClassifierTrainer(BudgetClock):
         self.lm_path = source.config["classifier"].get("init_from")
         best_dir = self.run_dir / "best"
         if ckpt.is_checkpoint_dir(best_dir):
-            best_net = ClassifierNet(self.encoder_config, len(self.classes), self.cfg.pooling, self.cfg.bidirectional,
-                                     pool_layers=self.cfg.pool_layers)
+            best_net = self._new_net()
             ckpt.load_checkpoint(best_dir).load_weights(best_net)
             self.best_state = {k: v.detach().clone() for k, v in best_net.state_dict().items()}
         torch.set_rng_state(tensors["rng.torch"])  # last: building a network above draws random numbers
