@@ -79,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--lm-layers", type=int, default=2,
                    help="Recurrent layers of the language model, and so of the fine-tuned encoder (2: the SMS "
                         "targets at 10-200 per class, benchmarks/RESULTS.md, session 9).")
-    p.add_argument("--lm-dropout", type=float, default=0.0, help="Dropout of the language model (before its output layer).")
+    p.add_argument("--lm-dropout", type=float, default=0.0,
+                   help="Dropout of the language model, between its layers and before its output layer; the "
+                        "fine-tuned encoders inherit it between their layers.")
     p.add_argument("--max-epochs", type=float, default=20, help="charnn epochs at most with all labels (early stopping on).")
     p.add_argument("--patience", type=int, default=4, help="charnn early-stopping patience (epochs) with all labels.")
     p.add_argument("--budget-max-epochs", type=float, default=40, help="charnn epochs at most at the per-class budgets.")
