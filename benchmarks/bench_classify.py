@@ -63,6 +63,17 @@ DATASETS = {"names": "datasets/names.tsv", "sms": "datasets/sms_spam.tsv"}
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 
 
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number of 1 or more (a step budget of 0 would silently mean --lm-time)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="names,sms", help="Comma-separated: names, sms.")
@@ -73,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234, help="charnn's training seed.")
     p.add_argument("--hidden", type=int, default=256, help="Hidden units of each LM layer and of the scratch classifier (1 layer).")
     p.add_argument("--lm-time", type=float, default=120, help="Seconds of language-model training per dataset.")
-    p.add_argument("--lm-steps", type=int, default=None,
+    p.add_argument("--lm-steps", type=at_least_one, default=None,
                    help="Train each language model for this many steps instead of --lm-time seconds, so the machine's "
                         "pace cannot change the model (2,350 steps is about 150 s on 2 idle cores).")
     p.add_argument("--lm-layers", type=int, default=2,
@@ -250,7 +261,8 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
     systems = args.systems.split(",")
     lm_path, lm_info = None, None
     if {"charnn-finetune", "charnn-ensemble"} & set(systems):
-        log(f"[{name}] language model on the {len(pool_x):,} training texts ({f'{args.lm_steps:,} steps' if args.lm_steps else f'{args.lm_time:g} s'})")
+        lm_budget = f"{args.lm_steps:,} steps" if args.lm_steps else f"{args.lm_time:g} s"
+        log(f"[{name}] language model on the {len(pool_x):,} training texts ({lm_budget})")
         lm_path, lm_info = train_lm(pool_x, args, workdir / name)
         log(f"[{name}] language model: {lm_info}")
     budgets = [None] + [int(b) for b in args.budgets.split(",") if b.strip()]

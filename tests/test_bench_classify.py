@@ -1,0 +1,32 @@
+"""benchmarks/bench_classify.py's language-model budget: --lm-steps is a step count, never a silent fallback."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_classify.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_classify", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "many"])
+def test_lm_steps_below_one_is_refused_in_one_line(bench, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--lm-steps", value])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.endswith(f": error: argument --lm-steps: must be a whole number of 1 or more, got {value!r}")
+
+
+def test_lm_steps_trains_the_language_model_for_that_many_steps(bench, tmp_path):
+    args = bench.parse_args(["--lm-steps", "3", "--lm-time", "0.001", "--hidden", "16", "--lm-layers", "1"])
+    texts = [f"message number {i}, call 0800 {i:04d} now" for i in range(200)]
+    _, info = bench.train_lm(texts, args, tmp_path)
+    assert info["steps"] == 3 and info["stop"] == "max-steps"  # the tiny time budget was not used
