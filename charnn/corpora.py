@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CharnnError
+from .errors import CharnnError, check_output_file, make_parent_dirs
 
 __all__ = [
     "CATALOGUE",
@@ -513,19 +513,11 @@ def build_corpus(
     out_path = Path(out_path)
     get_corpus(name)  # unknown names fail before touching the filesystem
     _check_max_chars(max_chars)
-    if out_path.is_dir():
-        raise CharnnError(f"{out_path} is a directory; give a file name for the corpus")
-    if out_path.exists() and not out_path.is_file():  # the atomic rename would replace the node itself
-        raise CharnnError(f"{out_path} is not a regular file (a device, pipe or socket); give a file name for "
-                          "the corpus")
+    check_output_file(out_path, "the corpus")
     if out_path.exists() and not overwrite:
         raise OutputExistsError(out_path)
     text = corpus_text(name, progress=progress, max_chars=max_chars)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CharnnError(f"cannot create directory {out_path.parent} ({e.strerror or e}); "
-                          "give an output path in a folder you can write") from None
+    make_parent_dirs(out_path, "an output path")
     _write_atomically(text, out_path, overwrite)
     return out_path
 

@@ -21,3 +21,23 @@ def is_integer(value) -> bool:
 def is_number(value) -> bool:
     """A real number of any type (Python or numpy), but not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_output_file(path, what: str, example: str = "") -> None:
+    """Refuse an output path that is a folder or a special file (an atomic rename would replace the node itself).
+
+    ``what`` names the output in the message ("the corpus"); ``example`` may follow it (", e.g. out.png").
+    """
+    if path.is_dir():
+        raise CharnnError(f"{path} is a directory; give a file name for {what}{example}")
+    if path.exists() and not path.is_file():
+        raise CharnnError(f"{path} is not a regular file (a device, pipe or socket); give a file name for {what}")
+
+
+def make_parent_dirs(path, what: str) -> None:
+    """Create the folders above ``path``; failing, a :class:`CharnnError` asks for ``what`` somewhere writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CharnnError(f"cannot create directory {path.parent} ({e.strerror or e}); "
+                          f"give {what} in a folder you can write") from None

@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .errors import CharnnError
+from .errors import CharnnError, check_output_file, make_parent_dirs
 from .model import bits_per_char
 
 
@@ -90,15 +90,8 @@ def save_figure(plt, fig, out: str | Path) -> Path:
     """
     out = Path(out)
     try:
-        if out.is_dir():
-            raise CharnnError(f"{out} is a directory; give a file name for the PNG, e.g. {out / 'curves.png'}")
-        if out.exists() and not out.is_file():  # the rename below would replace the node itself
-            raise CharnnError(f"{out} is not a regular file (a device, pipe or socket); give a file name for the PNG")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CharnnError(f"cannot create directory {out.parent} ({e.strerror or e}); "
-                              "give a PNG path in a directory you can write") from None
+        check_output_file(out, "the PNG", f", e.g. {out / 'curves.png'}")
+        make_parent_dirs(out, "a PNG path")
         tmp = out.with_name(f".{out.name}.tmp.png")
         try:
             fig.savefig(tmp)

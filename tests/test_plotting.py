@@ -42,7 +42,7 @@ def test_plot_under_a_file_is_a_one_line_error(tiny_run, tmp_path):
     result = plot(tiny_run, "-o", blocker / "x.png")
     assert result.exit_code == 2
     assert result.output.startswith(f"error: cannot create directory {blocker} (") and result.output.count("\n") == 1
-    assert "give a PNG path in a directory you can write" in result.output
+    assert "give a PNG path in a folder you can write" in result.output
     assert blocker.read_text(encoding="utf-8") == "keep me"
 
 
