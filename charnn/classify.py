@@ -432,17 +432,12 @@ class ClassifierNet(nn.Module):
     def __init__(self, encoder: ModelConfig, n_outputs: int, pooling: str = "concat", bidirectional: bool = False,
                  head_dropout: float = 0.0, pool_layers: str = "top"):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise CharnnError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        if pool_layers not in POOL_LAYERS:
-            raise CharnnError(f"--pool-layers must be one of {', '.join(POOL_LAYERS)}, got {pool_layers!r}")
+        check_pooling(pooling, pool_layers, bidirectional)
         self.encoder_config, self.pooling, self.bidirectional = encoder, pooling, bidirectional
         self.pool_layers = pool_layers
         base = CharRNN(replace(encoder, tie_weights=False))
         self.embed, self.embed_drop = base.embed, base.embed_drop
         self.rnn = _bidirectional_stack(encoder) if bidirectional else base.rnn
-        if pool_layers == "all" and bidirectional:
-            raise CharnnError("--pool-layers all reads a forward stack; drop --bidirectional or --pool-layers all")
         if pool_layers == "all" and not isinstance(self.rnn, nn.RNNBase):
             raise CharnnError("--pool-layers all runs the library's LSTM/GRU/RNN kernels one layer at a time, and this "
                               "encoder uses charnn's own cell (--gate-slope or --layer-norm); drop --pool-layers all")
@@ -541,6 +536,16 @@ def _bidirectional_stack(c: ModelConfig) -> nn.Module:
     rnn = cls(c.input_dim, c.hidden, **kwargs)
     init_recurrent(rnn, c)
     return rnn
+
+
+def check_pooling(pooling: str, pool_layers: str, bidirectional: bool) -> None:
+    """Refuse an unknown ``pooling`` or ``pool_layers``, and every-layer pooling of a bidirectional stack."""
+    if pooling not in POOLINGS:
+        raise CharnnError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pool_layers not in POOL_LAYERS:
+        raise CharnnError(f"--pool-layers must be one of {', '.join(POOL_LAYERS)}, got {pool_layers!r}")
+    if pool_layers == "all" and bidirectional:
+        raise CharnnError("--pool-layers all reads a forward stack; drop --bidirectional or --pool-layers all")
 
 
 def pool(out: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
@@ -768,9 +773,6 @@ class ClassifyConfig:
         check_types(self)
         checks = [
             (self.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}"),
-            (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}"),
-            (self.pool_layers in POOL_LAYERS,
-             f"--pool-layers must be one of {', '.join(POOL_LAYERS)}, got {self.pool_layers!r}"),
             (self.truncation in TRUNCATIONS, f"--truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.weight_decay is None or self.weight_decay >= 0,
@@ -793,8 +795,6 @@ class ClassifyConfig:
             (self.ensemble >= 1, f"--ensemble must be at least 1 (1: a single classifier), got {self.ensemble}"),
             (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
-            (not (self.bidirectional and self.pool_layers == "all"), "--pool-layers all reads a forward stack; "
-             "drop --bidirectional or --pool-layers all"),
             (not (self.bidirectional and self.init_from), "--bidirectional trains from scratch only (a language model "
              "reads left to right); drop --bidirectional or --init-from"),
             (not (self.freeze_encoder and not self.init_from), "--freeze-encoder keeps a language model's encoder fixed; "
@@ -809,6 +809,7 @@ class ClassifyConfig:
         for ok, message in checks:
             if not ok:
                 raise CharnnError(message)
+        check_pooling(self.pooling, self.pool_layers, self.bidirectional)
 
     @property
     def init_seed(self) -> int:
