@@ -1,6 +1,8 @@
-"""User-facing errors: raised for bad input, printed by the CLI as one line; and the type checks of user settings."""
+"""User-facing errors: raised for bad input, printed by the CLI as one line; the type checks of user settings,
+and the checks of an output file's path."""
 
 import numbers
+from pathlib import Path
 
 
 class CharnnError(Exception):
@@ -23,7 +25,7 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_output_file(path, what: str, example: str = "") -> None:
+def check_output_file(path: Path, what: str, example: str = "") -> None:
     """Refuse an output path that is a folder or a special file (an atomic rename would replace the node itself).
 
     ``what`` names the output in the message ("the corpus"); ``example`` may follow it (", e.g. out.png").
@@ -34,7 +36,7 @@ def check_output_file(path, what: str, example: str = "") -> None:
         raise CharnnError(f"{path} is not a regular file (a device, pipe or socket); give a file name for {what}")
 
 
-def make_parent_dirs(path, what: str) -> None:
+def make_parent_dirs(path: Path, what: str) -> None:
     """Create the folders above ``path``; failing, a :class:`CharnnError` asks for ``what`` somewhere writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
