@@ -48,7 +48,7 @@ from . import checkpoint as ckpt
 from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
-from .errors import CharnnError
+from .errors import CharnnError, make_dirs
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_layers, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
 from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, caller_rng_kept,
@@ -1093,7 +1093,7 @@ class ClassifierTrainer(BudgetClock):
     def fit(self) -> ClassifyResult:
         cfg = self.cfg
         if self.run_dir:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir, "an --out directory")
         self.start_clock()
         if cfg.freeze_encoder:
             return self._fit_probe()

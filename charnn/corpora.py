@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import CharnnError, check_output_file, make_parent_dirs
+from .errors import CharnnError, check_output_file, make_dirs
 
 __all__ = [
     "CATALOGUE",
@@ -517,7 +517,7 @@ def build_corpus(
     if out_path.exists() and not overwrite:
         raise OutputExistsError(out_path)
     text = corpus_text(name, progress=progress, max_chars=max_chars)
-    make_parent_dirs(out_path, "an output path")
+    make_dirs(out_path.parent, "an output path")
     _write_atomically(text, out_path, overwrite)
     return out_path
 

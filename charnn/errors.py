@@ -36,10 +36,11 @@ def check_output_file(path: Path, what: str, example: str = "") -> None:
         raise CharnnError(f"{path} is not a regular file (a device, pipe or socket); give a file name for {what}")
 
 
-def make_parent_dirs(path: Path, what: str) -> None:
-    """Create the folders above ``path``; failing, a :class:`CharnnError` asks for ``what`` somewhere writable."""
+def make_dirs(directory: Path, what: str) -> None:
+    """Create ``directory`` and the folders above it; failing, a :class:`CharnnError` asks for ``what`` somewhere
+    writable."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CharnnError(f"cannot create directory {path.parent} ({e.strerror or e}); "
+        raise CharnnError(f"cannot create directory {directory} ({e.strerror or e}); "
                           f"give {what} in a folder you can write") from None

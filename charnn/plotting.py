@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .errors import CharnnError, check_output_file, make_parent_dirs
+from .errors import CharnnError, check_output_file, make_dirs
 from .model import bits_per_char
 
 
@@ -91,7 +91,7 @@ def save_figure(plt, fig, out: str | Path) -> Path:
     out = Path(out)
     try:
         check_output_file(out, "the PNG", f", e.g. {out / 'curves.png'}")
-        make_parent_dirs(out, "a PNG path")
+        make_dirs(out.parent, "a PNG path")
         tmp = out.with_name(f".{out.name}.tmp.png")
         try:
             fig.savefig(tmp)

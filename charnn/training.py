@@ -29,7 +29,7 @@ from .budget import BudgetBar, BudgetClock
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
 from .distributed import DistContext, init_from_env, shutdown
-from .errors import CharnnError, is_integer, is_number
+from .errors import CharnnError, is_integer, is_number, make_dirs
 from .model import CharRNN, ModelConfig, bits_per_char, sequence_loss
 from .presets import recommend
 from .vocab import UNK_ID
@@ -716,7 +716,7 @@ class Trainer(BudgetClock):
     def _fit(self) -> TrainResult:
         cfg = self.cfg
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir, "an --out directory")
         self.start_clock()
         self._session_start, self._pace_mark = self.step, (self._epoch_progress(), self._elapsed())
         eval_every = cfg.eval_every or max(self.steps_per_epoch, 1)

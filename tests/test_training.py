@@ -531,6 +531,19 @@ def test_out_that_is_a_file_or_another_run_is_a_clear_error(tiny_run, clf_runs, 
     assert "--resume" not in result.output
 
 
+def test_out_under_a_file_is_a_one_line_error(small_corpus, clf_runs, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    data = clf_runs[2]
+    for args in (("train", small_corpus), ("classify", "train", data)):
+        result = run_cli(*args, "--out", blocker / "run", "--max-steps", 1)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+        assert result.output.splitlines()[-1] == (f"error: cannot create directory {blocker / 'run'} (Not a directory); "
+                                                  "give an --out directory in a folder you can write")
+    assert blocker.read_text() == "keep me"
+
+
 def test_train_resume_of_a_classifier_run_points_to_classify(clf_runs):
     single, ensemble, _ = clf_runs
     for run in (single, ensemble):
