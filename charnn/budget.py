@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 
-from .errors import CharnnError
+from .errors import CharnnError, setting
 
 
 def budget_progress(cfg, step: int, epochs: float, elapsed: float) -> float:
@@ -96,7 +96,7 @@ class BudgetBar:
         self.bar.set_postfix_str(f"{postfix}, ep {c._epoch_progress():.2f}", refresh=False)
 
 
-BUDGET_FLAGS = {"max-steps": "--max-steps", "max-epochs": "--max-epochs", "time": "--time"}
+BUDGET_SETTINGS = {"max-steps": "max_steps", "max-epochs": "max_epochs", "time": "time_budget"}  # stop reason: setting
 
 
 def check_resumable(trainer, run_dir) -> None:
@@ -104,9 +104,9 @@ def check_resumable(trainer, run_dir) -> None:
     reason = trainer.why_finished()
     if reason == "early-stopping":
         raise CharnnError(f"{run_dir} stopped early ({trainer.bad_evals} evaluations without improvement), so its best "
-                          f"model is final; to train more, start a new run from it (--init-from)")
-    if reason in BUDGET_FLAGS:
+                          f"model is final; to train more, start a new run from it ({setting('init_from')})")
+    if reason in BUDGET_SETTINGS:
         raise CharnnError(f"{run_dir} already reached its budget ({reason} at step {trainer.step}); give a larger "
-                          f"{BUDGET_FLAGS[reason]} to train on")
+                          f"{setting(BUDGET_SETTINGS[reason])} to train on")
     if reason:
         raise CharnnError(f"{run_dir} is finished ({reason}); nothing is left to train")

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .errors import CharnnError, is_number
+from .errors import CharnnError, setting, is_number
 from .vocab import Vocabulary
 
 FORMAT = "charnn-checkpoint"
@@ -53,13 +53,13 @@ def new_run_dir(out: str | Path | None, stem: str) -> Path:
     if out:
         run_dir = Path(out)
         if run_dir.exists() and not run_dir.is_dir():
-            raise CharnnError(f"{run_dir} is a file, not a run directory; choose another --out")
+            raise CharnnError(f"{run_dir} is a file, not a run directory; choose another {setting('out')}")
         if run_dir.exists() and any(run_dir.iterdir()):
             kind = run_kind(run_dir)
             if kind in RESUME_COMMANDS:
                 raise CharnnError(f"{run_dir} already holds a {kind} run; resume it with {RESUME_COMMANDS[kind]} "
-                                  f"--resume {run_dir}, or choose another --out")
-            raise CharnnError(f"{run_dir} already holds files; choose another --out (a new or empty directory)")
+                                  f"--resume {run_dir}, or choose another {setting('out')}")
+            raise CharnnError(f"{run_dir} already holds files; choose another {setting('out')} (a new or empty directory)")
         return run_dir
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, n = DEFAULT_ROOT / f"{stem}-{stamp}", 1

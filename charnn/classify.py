@@ -48,7 +48,7 @@ from . import checkpoint as ckpt
 from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
-from .errors import CharnnError, make_dirs
+from .errors import CharnnError, check_settings, make_dirs, setting
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_layers, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
 from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, caller_rng_kept,
@@ -170,15 +170,15 @@ def _jsonl_rows(path: Path, text: str) -> _Rows:
 
 def _pick_columns(path: Path, table: _Rows, text_col: str, label_col: str) -> _Raw:
     if text_col == label_col:
-        raise CharnnError(f"--text-col and --label-col both name {text_col!r}; the texts and the labels must be "
-                          "different columns")
+        raise CharnnError(f"{setting('text_col')} and {setting('label_col')} both name {text_col!r}; the texts and the "
+                          "labels must be different columns")
     if not table.rows:
         raise CharnnError(f"{path} holds no examples; it needs a header and at least one row")
     for col in (text_col, label_col):
         if table.columns.count(col) > 1:
             raise CharnnError(f"{path}: the header names column {col!r} {table.columns.count(col)} times; "
                               "rename the copies so each column name is unique")
-    for col, option in ((text_col, "--text-col"), (label_col, "--label-col")):
+    for col, option in ((text_col, setting("text_col")), (label_col, setting("label_col"))):
         if col not in table.columns:
             raise CharnnError(f"{path} has no column {col!r} (columns: {', '.join(map(str, table.columns))}); "
                               f"name the right one with {option}")
@@ -221,7 +221,8 @@ def _parse_label(where: str, value, multi_label: bool, sep: str):
         items = value if isinstance(value, list) else str(value).split(sep) if sep else [str(value)]
         return tuple(sorted({str(v).strip() for v in items if str(v).strip()}))
     if isinstance(value, (list, dict)):
-        raise CharnnError(f"{where}: the label is a {type(value).__name__}; for several labels per text pass --multi-label")
+        raise CharnnError(f"{where}: the label is a {type(value).__name__}; for several labels per text pass "
+                          f"{setting('multi_label', True)}")
     label = "" if value is None else str(value).strip()
     if not label:
         raise CharnnError(f"{where}: the label is empty; every example needs a label")
@@ -231,8 +232,8 @@ def _parse_label(where: str, value, multi_label: bool, sep: str):
 # -- labels and splits ------------------------------------------------------------------------------
 UNSEEN_AT_EVAL = ("labels the model was not trained on", "evaluate on data with the training labels, "
                   "or retrain with these labels")
-UNSEEN_IN_VAL = ("validation labels that the training data lacks", "every --val label must occur in the "
-                 "training data; move those examples into DATA or drop them")
+UNSEEN_IN_VAL = ("validation labels that the training data lacks", "every validation label must occur in "
+                 "the training data; move those examples into the training data or drop them")
 
 
 def encode_labels(labels, multi_label: bool, classes: np.ndarray | None = None,
@@ -268,7 +269,7 @@ def encode_labels(labels, multi_label: bool, classes: np.ndarray | None = None,
                            "labels such as strings or integers")
     if arr.ndim != 1:
         raise InvalidInput(f"labels must be one per text (a 1-D sequence), got shape {arr.shape}; "
-                          "for several labels per text use multi_label=True (--multi-label)")
+                          f"for several labels per text use {setting('multi_label', True)}")
     values = [_py(v) for v in arr.tolist()]
     seen = sorted(set(values), key=_sort_key)
     if classes is None:
@@ -310,7 +311,7 @@ def stratified_split(keys: Sequence, val_fraction: float, seed: int) -> tuple[np
     at least one for training; a label seen once stays in training.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise CharnnError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise CharnnError(f"{setting('val_fraction')} must be in [0, 1), got {val_fraction}")
     groups: dict = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)
@@ -439,8 +440,9 @@ class ClassifierNet(nn.Module):
         self.embed, self.embed_drop = base.embed, base.embed_drop
         self.rnn = _bidirectional_stack(encoder) if bidirectional else base.rnn
         if pool_layers == "all" and not isinstance(self.rnn, nn.RNNBase):
-            raise CharnnError("--pool-layers all runs the library's LSTM/GRU/RNN kernels one layer at a time, and this "
-                              "encoder uses charnn's own cell (--gate-slope or --layer-norm); drop --pool-layers all")
+            every = setting("pool_layers", "all")
+            raise CharnnError(f"{every} runs the library's LSTM/GRU/RNN kernels one layer at a time, and this encoder "
+                              f"uses charnn's own cell ({setting('gate_slope')} or {setting('layer_norm')}); drop {every}")
         directions = 2 if bidirectional else 1
         read = encoder.layers if pool_layers == "all" else 1
         self.features = encoder.hidden * directions * (3 if pooling == "concat" else 1) * read
@@ -452,7 +454,7 @@ class ClassifierNet(nn.Module):
         """Copy a language model's embedding and recurrent weights (exactly)."""
         if self.bidirectional:
             raise CharnnError("a bidirectional classifier cannot start from a language model (it reads left to right); "
-                              "drop --bidirectional or --init-from")
+                              f"drop {setting('bidirectional')} or {setting('init_from')}")
         self.embed.load_state_dict(lm.embed.state_dict())
         self.rnn.load_state_dict(lm.rnn.state_dict())
 
@@ -528,7 +530,8 @@ class ClassifierEnsemble(nn.Module):
 
 def _bidirectional_stack(c: ModelConfig) -> nn.Module:
     if c.uses_custom_cell:
-        raise CharnnError("--bidirectional needs the library cell; drop --gate-slope/--layer-norm")
+        raise CharnnError(f"{setting('bidirectional')} needs the library cell; drop "
+                          f"{setting('gate_slope')}/{setting('layer_norm')}")
     kwargs = dict(num_layers=c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0, bidirectional=True)
     cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[c.cell]
     if c.cell == "rnn":
@@ -541,11 +544,12 @@ def _bidirectional_stack(c: ModelConfig) -> nn.Module:
 def check_pooling(pooling: str, pool_layers: str, bidirectional: bool) -> None:
     """Refuse an unknown ``pooling`` or ``pool_layers``, and every-layer pooling of a bidirectional stack."""
     if pooling not in POOLINGS:
-        raise CharnnError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        raise CharnnError(f"{setting('pooling')} must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if pool_layers not in POOL_LAYERS:
-        raise CharnnError(f"--pool-layers must be one of {', '.join(POOL_LAYERS)}, got {pool_layers!r}")
+        raise CharnnError(f"{setting('pool_layers')} must be one of {', '.join(POOL_LAYERS)}, got {pool_layers!r}")
     if pool_layers == "all" and bidirectional:
-        raise CharnnError("--pool-layers all reads a forward stack; drop --bidirectional or --pool-layers all")
+        every = setting("pool_layers", "all")
+        raise CharnnError(f"{every} reads a forward stack; drop {setting('bidirectional')} or {every}")
 
 
 def pool(out: torch.Tensor, last: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
@@ -772,43 +776,44 @@ class ClassifyConfig:
     def validate(self) -> None:
         check_types(self)
         checks = [
-            (self.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}"),
-            (self.truncation in TRUNCATIONS, f"--truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.weight_decay is None or self.weight_decay >= 0,
-             f"--weight-decay must be 0 (off) or positive, got {self.weight_decay}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (0 <= self.head_dropout < 1, f"--head-dropout must be in [0, 1), got {self.head_dropout}"),
-            (0 <= self.random_crop <= 1, f"--random-crop must be a probability in [0, 1], got {self.random_crop}"),
-            (self.max_chars is None or self.max_chars >= 1, f"--max-chars must be at least 1, got {self.max_chars}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {self.grad_clip}"),
-            (self.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {self.warmup_steps}"),
-            (self.min_char_count >= 1, f"--min-char-count must be at least 1, got {self.min_char_count}"),
-            (self.lr_decay() >= 1, f"--layer-lr-decay must be at least 1 (1: one rate for all layers), got {self.layer_lr_decay}"),
-            (self.max_epochs is None or self.max_epochs > 0, f"--max-epochs must be positive, got {self.max_epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}"),
-            (self.time_budget is None or self.time_budget > 0, "--time must be positive"),
-            (self.max_epochs or self.max_steps or self.time_budget, "give a budget: --max-epochs, --max-steps or --time"),
-            (self.patience is None or self.patience >= 1, f"--patience must be at least 1, got {self.patience}"),
-            (self.ensemble >= 1, f"--ensemble must be at least 1 (1: a single classifier), got {self.ensemble}"),
-            (self.eval_every is None or self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
-            (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
-            (not (self.bidirectional and self.init_from), "--bidirectional trains from scratch only (a language model "
-             "reads left to right); drop --bidirectional or --init-from"),
-            (not (self.freeze_encoder and not self.init_from), "--freeze-encoder keeps a language model's encoder fixed; "
-             "give it one with --init-from"),
-            (not (self.gradual_unfreeze and not self.init_from), "--gradual-unfreeze unfreezes a language model's "
-             "layers one per epoch; give it one with --init-from, or drop --gradual-unfreeze"),
-            (not (self.random_crop and self.freeze_encoder), "--freeze-encoder fits the head once on whole texts' "
-             "features, so there is nothing to crop; drop --random-crop or --freeze-encoder"),
-            (not (self.gradual_unfreeze and self.freeze_encoder), "--freeze-encoder trains the head only, so there "
-             "is nothing to unfreeze; drop --gradual-unfreeze or --freeze-encoder"),
+            (self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, got {self.cell!r}"),
+            (self.truncation in TRUNCATIONS, "truncation",
+             f"must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.weight_decay is None or self.weight_decay >= 0, "weight_decay",
+             f"must be 0 (off) or positive, got {self.weight_decay}"),
+            (self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (0 <= self.head_dropout < 1, "head_dropout", f"must be in [0, 1), got {self.head_dropout}"),
+            (0 <= self.random_crop <= 1, "random_crop", f"must be a probability in [0, 1], got {self.random_crop}"),
+            (self.max_chars is None or self.max_chars >= 1, "max_chars", f"must be at least 1, got {self.max_chars}"),
+            (self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, "lr", f"must be positive, got {self.lr}"),
+            (self.grad_clip >= 0, "grad_clip", f"must be 0 (off) or positive, got {self.grad_clip}"),
+            (self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}"),
+            (self.min_char_count >= 1, "min_char_count", f"must be at least 1, got {self.min_char_count}"),
+            (self.lr_decay() >= 1, "layer_lr_decay",
+             f"must be at least 1 (1: one rate for all layers), got {self.layer_lr_decay}"),
+            (self.max_epochs is None or self.max_epochs > 0, "max_epochs", f"must be positive, got {self.max_epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}"),
+            (self.time_budget is None or self.time_budget > 0, "time_budget", "must be positive"),
+            (self.max_epochs or self.max_steps or self.time_budget, None,
+             f"give a budget: {setting('max_epochs')}, {setting('max_steps')} or {setting('time_budget')}"),
+            (self.patience is None or self.patience >= 1, "patience", f"must be at least 1, got {self.patience}"),
+            (self.ensemble >= 1, "ensemble", f"must be at least 1 (1: a single classifier), got {self.ensemble}"),
+            (self.eval_every is None or self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}"),
+            (0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}"),
+            (not (self.bidirectional and self.init_from), "bidirectional", "trains from scratch only (a language "
+             f"model reads left to right); drop {setting('bidirectional')} or {setting('init_from')}"),
+            (not (self.freeze_encoder and not self.init_from), "freeze_encoder", "keeps a language model's encoder "
+             f"fixed; give it one with {setting('init_from')}"),
+            (not (self.gradual_unfreeze and not self.init_from), "gradual_unfreeze", "unfreezes a language model's "
+             f"layers one per epoch; give it one with {setting('init_from')}, or drop {setting('gradual_unfreeze')}"),
+            (not (self.random_crop and self.freeze_encoder), "freeze_encoder", "fits the head once on whole texts' "
+             f"features, so there is nothing to crop; drop {setting('random_crop')} or {setting('freeze_encoder')}"),
+            (not (self.gradual_unfreeze and self.freeze_encoder), "freeze_encoder", "trains the head only, so there "
+             f"is nothing to unfreeze; drop {setting('gradual_unfreeze')} or {setting('freeze_encoder')}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise CharnnError(message)
+        check_settings(checks)
         check_pooling(self.pooling, self.pool_layers, self.bidirectional)
 
     @property
@@ -924,8 +929,8 @@ class ClassifierTrainer(BudgetClock):
             self.vocab = Vocabulary(chars + list(cfg.frame))  # the frame is known however rare in the texts
             self.encoder_config = cfg.encoder_config(len(self.vocab))
         if cfg.frame and cfg.frame not in self.vocab:
-            raise CharnnError(f"--newline-frame needs a newline in the language model's vocabulary, and "
-                              f"{cfg.init_from} has none (its corpus had no line breaks); drop --newline-frame")
+            raise CharnnError(f"{setting('newline_frame')} needs a newline in the language model's vocabulary, and "
+                              f"{cfg.init_from} has none (its corpus had no line breaks); drop {setting('newline_frame')}")
         self.train_ids = encode_texts(texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
         self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
         self.lengths = np.array([len(e) for e in self.train_ids], dtype=np.int64)
@@ -1093,7 +1098,7 @@ class ClassifierTrainer(BudgetClock):
     def fit(self) -> ClassifyResult:
         cfg = self.cfg
         if self.run_dir:
-            make_dirs(self.run_dir, "an --out directory")
+            make_dirs(self.run_dir, f"the run directory ({setting('out')})")
         self.start_clock()
         if cfg.freeze_encoder:
             return self._fit_probe()

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import CharnnError
+from .errors import CharnnError, setting
 from .vocab import Vocabulary
 
 BINARY_SNIFF_BYTES = 8192
@@ -39,7 +39,7 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
             found = sorted(f for f in p.glob(glob)
                            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise CharnnError(f"directory {p} has no files matching --glob {glob!r}; change --glob or the path")
+                raise CharnnError(f"directory {p} has no files matching {setting('glob')} {glob!r}; change {setting('glob')} or the path")
             files.extend(found)
         elif p.is_file():
             files.append(p)
@@ -64,11 +64,11 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         text = data.decode(encoding)
         return text[1:] if text.startswith("\ufeff") and codecs.lookup(encoding).name == "utf-8" else text
     except LookupError as e:
-        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid --encoding such as utf-8 or latin-1") from e
+        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid {setting('encoding')} such as utf-8 or latin-1") from e
     except UnicodeDecodeError as e:
         raise CharnnError(
             f"{path} is not valid {encoding} (byte {e.start}: {e.reason}); "
-            f"pass its encoding with --encoding, e.g. --encoding latin-1"
+            f"pass its encoding with {setting('encoding')}, e.g. {setting('encoding', 'latin-1')}"
         ) from e
 
 
@@ -101,7 +101,7 @@ class Corpus:
 def split_point(n: int, val_fraction: float) -> int:
     """Index where validation starts: the last ``val_fraction`` of ``n`` characters."""
     if not 0.0 <= val_fraction < 1.0:
-        raise CharnnError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise CharnnError(f"{setting('val_fraction')} must be in [0, 1), got {val_fraction}")
     return n - int(math.floor(n * val_fraction))
 
 
@@ -138,8 +138,8 @@ def load_corpus(
     if vocab is None:
         vocab = Vocabulary.from_text(train_text, min_count=min_char_count)
         if len(vocab) < 2 and train_text:
-            raise CharnnError(f"no character occurs --min-char-count {min_char_count} times in the training text "
-                              f"({len(train_text):,} characters); lower --min-char-count")
+            raise CharnnError(f"no character occurs {min_char_count} times in the training text "
+                              f"({len(train_text):,} characters); lower {setting('min_char_count')}")
     return Corpus(vocab, vocab.encode(train_text), vocab.encode(val_text), [str(p) for p in paths])
 
 
@@ -167,7 +167,7 @@ class StreamBatcher:
             raise CharnnError(
                 f"the training text is too short for one batch: {len(data):,} characters, "
                 f"need at least {need:,} ({self.n_streams} streams (batch size x grad accumulation x processes) "
-                f"x seq len {seq_len}, plus one seq len); lower --batch-size or --seq-len, or give more text"
+                f"x seq len {seq_len}, plus one seq len); lower {setting('batch_size')} or {setting('seq_len')}, or give more text"
             )
 
     def batches(self, offset: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from .errors import CharnnError
+from .errors import CharnnError, setting
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -25,13 +25,14 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise CharnnError(f"unknown device {asked!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    fallback = f"use {setting('device', 'cpu')} or {setting('device', 'auto')}"
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CharnnError(f"--device {asked} was asked for but CUDA is not available; use --device cpu or auto")
+        raise CharnnError(f"{setting('device', asked)} was asked for but CUDA is not available; {fallback}")
     if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
         have = "one CUDA device, cuda:0" if count == 1 else f"{count} CUDA devices, cuda:0 to cuda:{count - 1}"
-        raise CharnnError(f"--device {asked} was asked for but this machine has {have}; use one of those, or cuda")
+        raise CharnnError(f"{setting('device', asked)} was asked for but this machine has {have}; use one of those, or cuda")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CharnnError(f"--device {asked} was asked for but MPS is not available; use --device cpu or auto")
+        raise CharnnError(f"{setting('device', asked)} was asked for but MPS is not available; {fallback}")
     return device
 
 
@@ -47,13 +48,13 @@ def pick_precision(precision: str, device: torch.device) -> str:
     """Resolve ``auto``: bf16 on CUDA cards that support it and on CPUs with native bf16, else fp32."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
-        raise CharnnError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise CharnnError(f"{setting('precision')} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise CharnnError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+        raise CharnnError(f"{setting('precision', 'fp16')} needs a GPU; use bf16 or fp32 on the CPU")
     return precision
 
 

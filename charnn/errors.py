@@ -1,8 +1,14 @@
-"""User-facing errors: raised for bad input, printed by the CLI as one line; the type checks of user settings,
-and the checks of an output file's path."""
+"""User-facing errors: raised for bad input, printed by the CLI as one line; how a message names a setting; the
+type checks of user settings, and the checks of an output file's path."""
 
+import contextlib
+import contextvars
 import numbers
 from pathlib import Path
+
+_CLI_WORDING = contextvars.ContextVar("charnn_cli_wording", default=False)
+FLAGS = {"time_budget": "--time"}  # the flags that are not the parameter's name with dashes
+_NO_VALUE = object()
 
 
 class CharnnError(Exception):
@@ -13,6 +19,34 @@ class CharnnError(Exception):
     """
 
     exit_code = 2
+
+
+def setting(name: str, value=_NO_VALUE) -> str:
+    """How an error message names the setting ``name`` (a Python parameter, e.g. ``"batch_size"``), with ``value``
+    if given: inside a ``charnn`` command, the flag (``--batch-size``, ``--cell rnn``; ``True`` gives the bare flag);
+    from the Python API, the parameter (``batch_size``, ``cell='rnn'``). Each reader sees what they typed."""
+    if _CLI_WORDING.get():
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
+    return name if value is _NO_VALUE else f"{name}={value!r}"
+
+
+def check_settings(checks) -> None:
+    """Raise a :class:`CharnnError` for the first failed ``(ok, name, problem)`` check: "<setting name> <problem>",
+    or the problem alone where ``name`` is None."""
+    for ok, name, problem in checks:
+        if not ok:
+            raise CharnnError(problem if name is None else f"{setting(name)} {problem}")
+
+
+@contextlib.contextmanager
+def cli_wording():
+    """Inside the block, :func:`setting` names command-line flags (the ``charnn`` command runs in one)."""
+    token = _CLI_WORDING.set(True)
+    try:
+        yield
+    finally:
+        _CLI_WORDING.reset(token)
 
 
 def is_integer(value) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CharnnError
+from .errors import CharnnError, check_settings, setting
 
 CELLS = ("lstm", "gru", "rnn")
 INITS = ("orthogonal", "identity", "xavier", "gaussian", "default")
@@ -47,26 +47,27 @@ class ModelConfig:
     def __post_init__(self):
         self.cell = self.cell.lower()
         checks = [
-            (self.cell in CELLS, f"--cell must be one of {', '.join(CELLS)}, got {self.cell!r}"),
-            (self.layers >= 1, f"--layers must be at least 1, got {self.layers}"),
-            (self.hidden >= 1, f"--hidden must be at least 1, got {self.hidden}"),
-            (self.embed_dim >= 0, f"--embed-dim must be 0 (one-hot) or positive, got {self.embed_dim}"),
-            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
-            (0 <= self.embed_dropout < 1, f"--embed-dropout must be in [0, 1), got {self.embed_dropout}"),
-            (0 <= self.weight_drop < 1, f"--weight-drop must be in [0, 1), got {self.weight_drop}"),
-            (self.weight_drop == 0 or not self.uses_custom_cell,
-             "--weight-drop needs the library cell; drop --gate-slope/--layer-norm"),
-            (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
-            (self.activation in ACTIVATIONS, f"--activation must be tanh or relu, got {self.activation!r}"),
-            (self.activation == "tanh" or self.cell == "rnn", "--activation relu applies to --cell rnn only"),
-            (self.gate_slope > 0 and math.isfinite(self.gate_slope), f"--gate-slope must be positive (and finite), got {self.gate_slope}"),
-            (math.isfinite(self.forget_bias), f"--forget-bias must be a finite number, got {self.forget_bias}"),
-            (self.gate_slope == 1.0 or self.cell != "rnn", "--gate-slope applies to --cell lstm and gru (a plain RNN has no gates)"),
-            (self.vocab_size >= 2, "the vocabulary is empty; the training text has no characters"),
+            (self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, got {self.cell!r}"),
+            (self.layers >= 1, "layers", f"must be at least 1, got {self.layers}"),
+            (self.hidden >= 1, "hidden", f"must be at least 1, got {self.hidden}"),
+            (self.embed_dim >= 0, "embed_dim", f"must be 0 (one-hot) or positive, got {self.embed_dim}"),
+            (0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}"),
+            (0 <= self.embed_dropout < 1, "embed_dropout", f"must be in [0, 1), got {self.embed_dropout}"),
+            (0 <= self.weight_drop < 1, "weight_drop", f"must be in [0, 1), got {self.weight_drop}"),
+            (self.weight_drop == 0 or not self.uses_custom_cell, "weight_drop",
+             f"needs the library cell; drop {setting('gate_slope')}/{setting('layer_norm')}"),
+            (self.init in INITS, "init", f"must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (self.activation in ACTIVATIONS, "activation", f"must be tanh or relu, got {self.activation!r}"),
+            (self.activation == "tanh" or self.cell == "rnn", None,
+             f"{setting('activation', 'relu')} applies to {setting('cell', 'rnn')} only"),
+            (self.gate_slope > 0 and math.isfinite(self.gate_slope), "gate_slope",
+             f"must be positive (and finite), got {self.gate_slope}"),
+            (math.isfinite(self.forget_bias), "forget_bias", f"must be a finite number, got {self.forget_bias}"),
+            (self.gate_slope == 1.0 or self.cell != "rnn", "gate_slope",
+             "applies to LSTM and GRU cells (a plain RNN has no gates)"),
+            (self.vocab_size >= 2, None, "the vocabulary is empty; the training text has no characters"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise CharnnError(message)
+        check_settings(checks)
 
     @property
     def input_dim(self) -> int:
@@ -102,7 +103,7 @@ class CharRNN(nn.Module):
         self.proj = None
         if c.tie_weights:
             if not c.embed_dim:
-                raise CharnnError("--tie-weights needs an embedding; set --embed-dim above 0")
+                raise CharnnError(f"{setting('tie_weights')} needs an embedding; set {setting('embed_dim')} above 0")
             if c.embed_dim != c.hidden:
                 self.proj = nn.Linear(c.hidden, c.embed_dim)
             out_dim = c.embed_dim

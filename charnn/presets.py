@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import CharnnError
+from .errors import CharnnError, setting
 
 # Settings shared by every preset unless it says otherwise.
 COMMON = dict(
@@ -70,7 +70,7 @@ def auto_preset(device: torch.device, time_budget: float | None) -> str:
 def recommend(device: torch.device, time_budget: float | None, preset: str | None) -> dict:
     """Every training default, from ``preset`` or, when None, from the device and budget."""
     if preset is not None and preset not in PRESETS:
-        raise CharnnError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise CharnnError(f"{setting('preset')} must be one of {', '.join(PRESETS)}, got {preset!r}")
     name = preset or auto_preset(device, time_budget)
     settings = {**COMMON, **PRESETS[name]}
     if time_budget is None:

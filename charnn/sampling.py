@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .errors import CharnnError, is_integer, is_number
+from .errors import CharnnError, check_settings, is_integer, is_number, setting
 from .inference import Stepper, blas_threads
 from .native import PRECISIONS
 from .vocab import UNK_ID, Vocabulary
@@ -77,21 +77,21 @@ class SamplingOptions:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         checks = [
-            (is_integer(self.length) and self.length >= 0, f"--length must be 0 or more, got {self.length!r}"),
-            (is_number(self.temperature) and self.temperature >= 0 and math.isfinite(self.temperature),
-             f"--temperature must be 0 (greedy) or positive, got {self.temperature!r}"),
-            (self.top_k is None or (is_integer(self.top_k) and self.top_k >= 1), f"--top-k must be at least 1, got {self.top_k!r}"),
-            (self.top_p is None or (is_number(self.top_p) and 0 < self.top_p <= 1),
-             f"--top-p must be in (0, 1], got {self.top_p!r}"),
-            (is_integer(self.num_samples) and self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples!r}"),
-            (self.random_seed is None or (is_integer(self.random_seed) and self.random_seed >= 0),
-             f"--random-seed must be a non-negative integer, got {self.random_seed!r}"),
-            (all(isinstance(s, str) and s for s in stop), "--stop strings must be non-empty"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (is_integer(self.length) and self.length >= 0, "length", f"must be 0 or more, got {self.length!r}"),
+            (is_number(self.temperature) and self.temperature >= 0 and math.isfinite(self.temperature), "temperature",
+             f"must be 0 (greedy) or positive, got {self.temperature!r}"),
+            (self.top_k is None or (is_integer(self.top_k) and self.top_k >= 1), "top_k",
+             f"must be at least 1, got {self.top_k!r}"),
+            (self.top_p is None or (is_number(self.top_p) and 0 < self.top_p <= 1), "top_p",
+             f"must be in (0, 1], got {self.top_p!r}"),
+            (is_integer(self.num_samples) and self.num_samples >= 1, "num_samples",
+             f"must be at least 1, got {self.num_samples!r}"),
+            (self.random_seed is None or (is_integer(self.random_seed) and self.random_seed >= 0), "random_seed",
+             f"must be a non-negative integer, got {self.random_seed!r}"),
+            (all(isinstance(s, str) and s for s in stop), "stop", "strings must be non-empty"),
+            (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise CharnnError(message)
+        check_settings(checks)
 
 
 @dataclass
@@ -118,7 +118,7 @@ def encode_text(vocab: Vocabulary, text: str, *, strict: bool = False, what: str
     if unknown:
         shown = ", ".join(repr(ch) for ch in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
         if strict:
-            raise CharnnError(f"the {what} has characters the model does not know: {shown}; remove them, or drop --strict")
+            raise CharnnError(f"the {what} has characters the model does not know: {shown}; remove them, or drop {setting('strict')}")
         warnings.warn(f"the {what} has characters the model does not know: {shown}; they read as the unknown symbol",
                       UnknownCharacterWarning, stacklevel=3)
     return vocab.encode(text).astype(np.int64)
@@ -147,7 +147,7 @@ def _check_fits_in_memory(o: SamplingOptions) -> None:
     if need > have:
         raise CharnnError(f"{o.num_samples:,} sample{'s' if o.num_samples > 1 else ''} of {o.length:,} characters need about {need / 2**30:,.1f} GiB "
                           f"while they are made, more than half this machine's memory ({have * 2 / 2**30:,.0f} GiB); "
-                          "ask for fewer characters (--length) or samples (--num-samples)")
+                          f"ask for fewer characters ({setting('length')}) or samples ({setting('num_samples')})")
 
 
 class Chooser:
@@ -296,8 +296,8 @@ class SampleRun:
             yield from self._generate_native(engine, stream)
             return
         if self.options.precision == "bf16":
-            raise CharnnError("--precision bf16 needs the native CPU kernel, which is unavailable here "
-                              f"({self.stepper.native_unavailable_reason()}); use --precision fp32")
+            raise CharnnError(f"{setting('precision', 'bf16')} needs the native CPU kernel, which is unavailable here "
+                              f"({self.stepper.native_unavailable_reason()}); use {setting('precision', 'fp32')}")
         self.engine = "numpy" if self.stepper.backend == "numpy" else self.stepper.backend
         yield from self._generate_stepper(stream)
 

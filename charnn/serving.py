@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from .completion import MODES, Completer
-from .errors import CharnnError
+from .errors import CharnnError, setting
 
 log = logging.getLogger("charnn.serve")
 
@@ -103,7 +103,8 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
                 self.release()
 
     if max_text_chars < 1 or max_generate_chars < 1 or max_generations < 1:
-        raise CharnnError("--max-text-chars, --max-generate-chars and --max-generations must be positive")
+        raise CharnnError(f"{setting('max_text_chars')}, {setting('max_generate_chars')} and {setting('max_generations')} "
+                          "must be positive")
     slots = threading.BoundedSemaphore(max_generations)
     lm = _load(model)
     completer = completer or Completer(lm, **(completer_options or {}))
@@ -362,22 +363,20 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
-def bind_sockets(host: str = "127.0.0.1", port: int = 8000, *, host_name: str = "host",
-                 port_name: str = "port") -> list[socket.socket]:
+def bind_sockets(host: str = "127.0.0.1", port: int = 8000) -> list[socket.socket]:
     """Listening sockets on every address ``host`` resolves to, at ``port`` (0: a free one).
 
     Bound and listening at once, so the port is ours from here on (connections
     made while the model loads wait in the backlog) and a port that is taken
     fails now, with a :class:`CharnnError` naming the fix, not after the server
-    has announced itself. ``host_name`` and ``port_name`` are what the message
-    calls the settings (the CLI passes ``--host`` and ``--port``).
+    has announced itself.
     """
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
         reason = getattr(e, "strerror", None) or e
         raise CharnnError(f"cannot listen on {host}: it does not resolve ({reason}); "
-                          f"pass another {host_name}, e.g. 127.0.0.1") from None
+                          f"pass another {setting('host')}, e.g. 127.0.0.1") from None
     sockets: list[socket.socket] = []
     seen, skipped = set(), None
     for family, kind, proto, _, address in infos:
@@ -400,15 +399,16 @@ def bind_sockets(host: str = "127.0.0.1", port: int = 8000, *, host_name: str = 
                 continue
             for s in sockets:
                 s.close()
-            raise _bind_error(e, host, port, host_name, port_name) from None
+            raise _bind_error(e, host, port) from None
         sock.set_inheritable(True)
         sockets.append(sock)
     if not sockets:
-        raise _bind_error(skipped or OSError(errno.EADDRNOTAVAIL, "no address"), host, port, host_name, port_name)
+        raise _bind_error(skipped or OSError(errno.EADDRNOTAVAIL, "no address"), host, port)
     return sockets
 
 
-def _bind_error(e: OSError, host: str, port: int, host_name: str, port_name: str) -> CharnnError:
+def _bind_error(e: OSError, host: str, port: int) -> CharnnError:
+    host_name, port_name = setting("host"), setting("port")
     if e.errno == errno.EADDRINUSE:
         return CharnnError(f"port {port} on {host} is in use; pass another {port_name} (or stop what is using it)")
     if e.errno == errno.EACCES:

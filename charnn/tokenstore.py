@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import CharnnError
+from .errors import CharnnError, setting
 from .vocab import MAX_CODEPOINT, Vocabulary, codepoints
 
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -79,7 +79,7 @@ def _utf8_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
                     yield "text", piece.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise CharnnError(f"{path} is not valid utf-8 (byte {offset + e.start}: {e.reason}); "
-                                      f"pass its encoding with --encoding, e.g. --encoding latin-1") from e
+                                      f"pass its encoding with {setting('encoding')}, e.g. {setting('encoding', 'latin-1')}") from e
             offset += cut
             if not block:
                 return
@@ -89,7 +89,7 @@ def _decoded_chunks(path: Path, encoding: str, chunk_bytes: int) -> Iterator[Chu
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError as e:
-        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid --encoding such as utf-8 or latin-1") from e
+        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid {setting('encoding')} such as utf-8 or latin-1") from e
     offset = 0
     with open(path, "rb") as f:
         while True:
@@ -100,7 +100,7 @@ def _decoded_chunks(path: Path, encoding: str, chunk_bytes: int) -> Iterator[Chu
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 raise CharnnError(f"{path} is not valid {encoding} (byte {offset + e.start}: {e.reason}); "
-                                  f"pass its encoding with --encoding") from e
+                                  f"pass its encoding with {setting('encoding')}") from e
             if text:
                 yield "text", text
             offset += len(block)

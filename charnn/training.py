@@ -29,7 +29,7 @@ from .budget import BudgetBar, BudgetClock
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
 from .distributed import DistContext, init_from_env, shutdown
-from .errors import CharnnError, is_integer, is_number, make_dirs
+from .errors import CharnnError, check_settings, is_integer, is_number, make_dirs, setting
 from .model import CharRNN, ModelConfig, bits_per_char, sequence_loss
 from .presets import recommend
 from .vocab import UNK_ID
@@ -181,40 +181,40 @@ class TrainResult:
 # -- setup helpers ------------------------------------------------------------------------------
 def _validate(cfg: TrainConfig) -> None:
     checks = [
-        (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"),
-        (cfg.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}"),
-        (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
-        (cfg.seq_len >= 1, f"--seq-len must be at least 1, got {cfg.seq_len}"),
-        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}"),
-        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
-        (cfg.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {cfg.warmup_steps}"),
-        (cfg.log_every >= 1, f"--log-every must be at least 1, got {cfg.log_every}"),
-        (cfg.weight_decay >= 0, f"--weight-decay must be 0 (off) or positive, got {cfg.weight_decay}"),
-        (cfg.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {cfg.grad_clip}"),
-        (cfg.grad_accum is not None and cfg.grad_accum >= 1, f"--grad-accum must be at least 1, got {cfg.grad_accum}"),
-        (cfg.min_char_count >= 1, f"--min-char-count must be at least 1, got {cfg.min_char_count}"),
-        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be at least 1, got {cfg.max_steps}"),
-        (cfg.max_epochs is None or cfg.max_epochs > 0, f"--max-epochs must be positive, got {cfg.max_epochs}"),
-        (cfg.time_budget is None or cfg.time_budget > 0, "--time must be positive, e.g. --time 90s or --time 10m"),
-        (cfg.patience is None or cfg.patience >= 1, f"--patience must be at least 1, got {cfg.patience}"),
-        (cfg.eval_every is None or cfg.eval_every >= 1, f"--eval-every must be at least 1, got {cfg.eval_every}"),
-        (0 <= cfg.average_last < 1, f"--average-last must be in [0, 1), got {cfg.average_last}"),
+        (cfg.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"),
+        (cfg.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}"),
+        (cfg.batch_size >= 1, "batch_size", f"must be at least 1, got {cfg.batch_size}"),
+        (cfg.seq_len >= 1, "seq_len", f"must be at least 1, got {cfg.seq_len}"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), "lr", f"must be a positive number, got {cfg.lr}"),
+        (0 <= cfg.momentum < 1, "momentum", f"must be in [0, 1), got {cfg.momentum}"),
+        (cfg.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {cfg.warmup_steps}"),
+        (cfg.log_every >= 1, "log_every", f"must be at least 1, got {cfg.log_every}"),
+        (cfg.weight_decay >= 0, "weight_decay", f"must be 0 (off) or positive, got {cfg.weight_decay}"),
+        (cfg.grad_clip >= 0, "grad_clip", f"must be 0 (off) or positive, got {cfg.grad_clip}"),
+        (cfg.grad_accum is not None and cfg.grad_accum >= 1, "grad_accum",
+         f"must be at least 1, got {cfg.grad_accum}"),
+        (cfg.min_char_count >= 1, "min_char_count", f"must be at least 1, got {cfg.min_char_count}"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", f"must be at least 1, got {cfg.max_steps}"),
+        (cfg.max_epochs is None or cfg.max_epochs > 0, "max_epochs", f"must be positive, got {cfg.max_epochs}"),
+        (cfg.time_budget is None or cfg.time_budget > 0, "time_budget", f"must be positive, got {cfg.time_budget}"),
+        (cfg.patience is None or cfg.patience >= 1, "patience", f"must be at least 1, got {cfg.patience}"),
+        (cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", f"must be at least 1, got {cfg.eval_every}"),
+        (0 <= cfg.average_last < 1, "average_last", f"must be in [0, 1), got {cfg.average_last}"),
         (cfg.weight_decay_ramp is None or (len(cfg.weight_decay_ramp) == 2 and 0 <= cfg.weight_decay_ramp[0]
-                                           < cfg.weight_decay_ramp[1]),
+                                           < cfg.weight_decay_ramp[1]), None,  # no flag: presets set it
          f"weight_decay_ramp must be [from, full] epochs with 0 <= from < full, got {cfg.weight_decay_ramp}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise CharnnError(message)
+    check_settings(checks)
 
 
 def _refuse_architecture(given: dict, model: ModelConfig, init_from: str) -> None:
     """Fine-tuning keeps the model's architecture: options that would set another are an error, not ignored."""
     fixed = [n for n, v in given.items() if n not in FINE_TUNE_FIELDS and v != getattr(model, n)]
     if fixed:
-        flags = ", ".join("--" + n.replace("_", "-") for n in fixed)
-        raise CharnnError(f"{flags}: --init-from {init_from} keeps that model's architecture and initialised weights; "
-                          "drop these options (only --dropout, --embed-dropout and --weight-drop may change)")
+        flags = ", ".join(setting(n) for n in fixed)
+        keep = f"{setting('dropout')}, {setting('embed_dropout')} and {setting('weight_drop')}"
+        raise CharnnError(f"{flags}: {setting('init_from', init_from)} keeps that model's architecture and initialised "
+                          f"weights; drop these options (only {keep} may change)")
 
 
 def _fill_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -251,7 +251,8 @@ def _fit_global_batch(cfg: TrainConfig, train_state: dict, world_size: int) -> N
     if streams % per_process:
         raise CharnnError(
             f"the run was trained with a global batch of {streams} streams, which {world_size} process(es) x "
-            f"--grad-accum {cfg.grad_accum} cannot split evenly; choose --grad-accum or a process count that divides it"
+            f"{setting('grad_accum', cfg.grad_accum)} cannot split evenly; choose {setting('grad_accum')} or a process "
+            "count that divides it"
         )
     cfg.batch_size = streams // per_process
 
@@ -444,7 +445,8 @@ class Trainer(BudgetClock):
     def _model_config(self, source: ckpt.Checkpoint | None, fine_tuning: bool = False) -> ModelConfig:
         if source is not None:
             if source.kind != "language-model":
-                raise CharnnError(f"{source.path} is a {source.kind} checkpoint; --init-from needs a language model")
+                raise CharnnError(f"{source.path} is a {source.kind} checkpoint; {setting('init_from')} needs a "
+                                  "language model")
             config = ModelConfig.from_dict(source.config["model"])
             if fine_tuning:  # a new run may regularise the model differently, but keeps its architecture
                 _refuse_architecture(self.given, config, self.cfg.init_from)
@@ -475,7 +477,7 @@ class Trainer(BudgetClock):
             if value is not None:
                 setattr(cfg, key, value)
         if cfg.grad_accum is not None and cfg.grad_accum < 1:
-            raise CharnnError(f"--grad-accum must be at least 1, got {cfg.grad_accum}")
+            raise CharnnError(f"{setting('grad_accum')} must be at least 1, got {cfg.grad_accum}")
         cfg.init_from = None
         trainer = cls(cfg, resume_from=source, **kwargs)
         if (cfg.max_steps, cfg.max_epochs, cfg.time_budget) != budget_before:
@@ -716,7 +718,7 @@ class Trainer(BudgetClock):
     def _fit(self) -> TrainResult:
         cfg = self.cfg
         if self.dist.is_main:
-            make_dirs(self.run_dir, "an --out directory")
+            make_dirs(self.run_dir, f"the run directory ({setting('out')})")
         self.start_clock()
         self._session_start, self._pace_mark = self.step, (self._epoch_progress(), self._elapsed())
         eval_every = cfg.eval_every or max(self.steps_per_epoch, 1)

@@ -231,14 +231,14 @@ def test_pooling_every_layer_adds_the_lower_layers_to_the_top_layers_exact_featu
 
 
 def test_pooling_every_layer_needs_a_forward_stack():
-    with pytest.raises(CharnnError, match="--pool-layers all reads a forward stack"):
+    with pytest.raises(CharnnError, match="pool_layers='all' reads a forward stack"):
         ClassifierNet(ModelConfig(vocab_size=10, layers=2, hidden=8, embed_dim=4), 3, bidirectional=True,
                       pool_layers="all")
-    with pytest.raises(CharnnError, match="--pool-layers all reads a forward stack; drop --bidirectional"):
+    with pytest.raises(CharnnError, match="pool_layers='all' reads a forward stack; drop bidirectional "):
         ClassifyConfig(bidirectional=True, pool_layers="all").validate()
-    with pytest.raises(CharnnError, match="this encoder uses charnn's own cell .*; drop --pool-layers all"):
+    with pytest.raises(CharnnError, match="this encoder uses charnn's own cell .gate_slope or layer_norm.; drop pool_layers='all'"):
         ClassifierNet(ModelConfig(vocab_size=10, layers=2, hidden=8, embed_dim=4, layer_norm=True), 3, pool_layers="all")
-    with pytest.raises(CharnnError, match="--pool-layers must be one of top, all, got 'every'"):
+    with pytest.raises(CharnnError, match="^pool_layers must be one of top, all, got 'every'"):
         ClassifyConfig(pool_layers="every").validate()
 
 
@@ -279,7 +279,7 @@ def test_newline_frame_from_scratch_knows_the_newline_and_needs_one_in_a_languag
         vocab = json.loads((lm / which / "vocab.json").read_text(encoding="utf-8"))
         vocab["chars"] = [c if c != "\n" else "\x01" for c in vocab["chars"]]
         (lm / which / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    with pytest.raises(CharnnError, match="--newline-frame needs a newline in the language model's vocabulary"):
+    with pytest.raises(CharnnError, match="^newline_frame needs a newline in the language model's vocabulary"):
         ClassifierTrainer(ClassifyConfig(**{**FAST, "init_from": str(lm), "newline_frame": True}), texts[:64], labels[:64])
 
 
@@ -405,11 +405,11 @@ def test_fine_tuning_refuses_bidirectional(tiny_run):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"gradual_unfreeze": True}, "--gradual-unfreeze unfreezes a language model's layers.*--init-from"),
+    ({"gradual_unfreeze": True}, "^gradual_unfreeze unfreezes a language model's layers.*init_from"),
     ({"gradual_unfreeze": True, "freeze_encoder": True, "init_from": "lm"}, "nothing to unfreeze"),
-    ({"random_crop": 0.5, "freeze_encoder": True, "init_from": "lm"}, "nothing to crop; drop --random-crop"),
-    ({"random_crop": 1.5}, r"--random-crop must be a probability in \[0, 1\], got 1.5"),
-    ({"random_crop": -0.1}, "--random-crop must be a probability"),
+    ({"random_crop": 0.5, "freeze_encoder": True, "init_from": "lm"}, "nothing to crop; drop random_crop"),
+    ({"random_crop": 1.5}, r"^random_crop must be a probability in \[0, 1\], got 1.5"),
+    ({"random_crop": -0.1}, "^random_crop must be a probability"),
 ])
 def test_contradictory_transfer_options_are_refused(settings, message):
     with pytest.raises(CharnnError, match=message):
@@ -653,8 +653,8 @@ def test_reads_the_shared_datasets():
 
 
 @pytest.mark.parametrize("content, suffix, message", [
-    ("name\tlabel\nAbe\tx\n", ".tsv", r"no column 'text' \(columns: name, label\).*--text-col"),
-    ("text\tcategory\nAbe\tx\n", ".tsv", r"no column 'label'.*--label-col"),
+    ("name\tlabel\nAbe\tx\n", ".tsv", r"no column 'text' \(columns: name, label\).*with text_col$"),
+    ("text\tcategory\nAbe\tx\n", ".tsv", r"no column 'label'.*with label_col$"),
     ("text\tlabel\nAbe\tx\n \ty\n", ".tsv", r"line 3: the text is empty"),
     ("text\tlabel\nAbe\t\n", ".tsv", r"line 2: the label is empty"),
     ("text\tlabel\n", ".tsv", r"holds no examples"),
@@ -672,7 +672,7 @@ def test_malformed_files_give_clear_errors(tmp_path, content, suffix, message):
 
 def test_text_and_label_columns_must_differ(tmp_path):
     path = write_tsv(tmp_path / "d.tsv", ["a", "b"], ["x", "y"])
-    with pytest.raises(CharnnError, match="--text-col and --label-col both name 'label'"):
+    with pytest.raises(CharnnError, match="^text_col and label_col both name 'label'"):
         read_labelled(path, text_col="label", label_col="label")
 
 
@@ -713,7 +713,7 @@ def test_validation_texts_and_labels_come_together(order_data):
 
 def test_validation_labels_unseen_in_training_are_refused(order_data):
     (texts, labels), _ = order_data
-    with pytest.raises(CharnnError, match="validation labels that the training data lacks: 'new'.*every --val label"):
+    with pytest.raises(CharnnError, match="validation labels that the training data lacks: 'new'.*every validation label must occur"):
         TextClassifier(**FAST).fit(texts[:20], labels[:20], val_texts=["xy"], val_labels=["new"])
 
 

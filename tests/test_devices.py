@@ -18,7 +18,8 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine 
 def test_a_missing_cuda_device_is_named_as_asked(asked):
     with pytest.raises(CharnnError) as e:
         pick_device(asked)
-    assert str(e.value) == f"--device {asked} was asked for but CUDA is not available; use --device cpu or auto"
+    assert str(e.value) == (f"device={asked!r} was asked for but CUDA is not available; use device='cpu' or "
+                            "device='auto'")
 
 
 @no_cuda
@@ -27,7 +28,8 @@ def test_charnn_train_names_the_cuda_device_asked_for(small_corpus, tmp_path):
     result = CliRunner().invoke(main, ["train", str(small_corpus), "--device", "cuda:7", "--max-steps", "1",
                                        "--out", str(out)])
     assert result.exit_code == 2
-    assert result.output == "error: --device cuda:7 was asked for but CUDA is not available; use --device cpu or auto\n"
+    assert result.output == ("error: --device cuda:7 was asked for but CUDA is not available; use --device cpu or "
+                             "--device auto\n")
 
 
 def test_a_cuda_index_beyond_the_machines_devices_is_refused(monkeypatch):
@@ -35,7 +37,7 @@ def test_a_cuda_index_beyond_the_machines_devices_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(CharnnError) as e:
         pick_device("cuda:7")
-    assert str(e.value) == ("--device cuda:7 was asked for but this machine has 2 CUDA devices, cuda:0 to cuda:1; "
+    assert str(e.value) == ("device='cuda:7' was asked for but this machine has 2 CUDA devices, cuda:0 to cuda:1; "
                             "use one of those, or cuda")
     assert pick_device("cuda:1") == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

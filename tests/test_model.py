@@ -91,7 +91,7 @@ def test_weight_drop_masks_the_recurrent_weights_in_training_only(monkeypatch):
 
 
 def test_weight_drop_is_validated():
-    with pytest.raises(CharnnError, match="--weight-drop must be in"):
+    with pytest.raises(CharnnError, match="^weight_drop must be in"):
         ModelConfig(vocab_size=30, weight_drop=1.0)
     with pytest.raises(CharnnError, match="needs the library cell"):
         ModelConfig(vocab_size=30, weight_drop=0.2, layer_norm=True)

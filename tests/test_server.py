@@ -397,7 +397,7 @@ def test_serve_function_on_a_busy_port_raises_before_loading_and_names_the_argum
 def test_bind_sockets_listens_at_once_and_resolves_port_zero():
     import socket
 
-    from charnn.errors import CharnnError
+    from charnn.errors import CharnnError, cli_wording
     from charnn.serving import bind_sockets, url
 
     sockets = bind_sockets("127.0.0.1", 0)
@@ -405,10 +405,14 @@ def test_bind_sockets_listens_at_once_and_resolves_port_zero():
         port = sockets[0].getsockname()[1]
         assert port and url(sockets, "127.0.0.1") == f"http://127.0.0.1:{port}/"
         socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening before uvicorn starts
-        with pytest.raises(CharnnError, match="is in use; pass another --port"):
-            bind_sockets("127.0.0.1", port, port_name="--port")
+        with pytest.raises(CharnnError, match="is in use; pass another port "):
+            bind_sockets("127.0.0.1", port)
+        with cli_wording(), pytest.raises(CharnnError, match="is in use; pass another --port "):
+            bind_sockets("127.0.0.1", port)
     finally:
         for s in sockets:
             s.close()
-    with pytest.raises(CharnnError, match="does not resolve.*pass another --host"):
-        bind_sockets("no-such-host.invalid", 0, host_name="--host")
+    with pytest.raises(CharnnError, match="does not resolve.*pass another host, "):
+        bind_sockets("no-such-host.invalid", 0)
+    with cli_wording(), pytest.raises(CharnnError, match="does not resolve.*pass another --host, "):
+        bind_sockets("no-such-host.invalid", 0)

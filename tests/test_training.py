@@ -23,7 +23,7 @@ from charnn.cli import main
 from charnn.data import StreamBatcher, eval_streams, load_corpus
 from charnn.errors import CharnnError
 from charnn.lm import load_language_model
-from charnn.model import bits_per_char
+from charnn.model import ModelConfig, bits_per_char
 from charnn.training import TrainingInterrupted, evaluate
 from charnn.vocab import UNK_ID, Vocabulary
 
@@ -428,7 +428,7 @@ def test_defaults_follow_device_and_budget():
     assert recommend(cpu, 10 * 60, None)["hidden"] == PRESETS["medium"]["hidden"]
     assert recommend(cuda, 2 * 3600, None)["hidden"] == PRESETS["large"]["hidden"]
     assert recommend(cpu, 10 * 60, "tiny")["hidden"] == PRESETS["tiny"]["hidden"]  # a preset wins
-    with pytest.raises(CharnnError, match="--preset must be one of"):
+    with pytest.raises(CharnnError, match="^preset must be one of"):
         recommend(cpu, None, "huge")
 
 
@@ -540,8 +540,24 @@ def test_out_under_a_file_is_a_one_line_error(small_corpus, clf_runs, tmp_path):
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
         assert result.output.splitlines()[-1] == (f"error: cannot create directory {blocker / 'run'} (Not a directory); "
-                                                  "give an --out directory in a folder you can write")
+                                                  "give the run directory (--out) in a folder you can write")
     assert blocker.read_text() == "keep me"
+
+
+def test_messages_name_the_setting_as_the_caller_typed_it(small_corpus, clf_runs, tmp_path):
+    """The Python API's errors name parameters (batch_size); the same mistake on the command line names flags."""
+    with pytest.raises(CharnnError, match=r"^batch_size must be at least 1, got 0$"):
+        train(TrainConfig(corpus=[str(small_corpus)], batch_size=0, out=str(tmp_path / "a"), quiet=True))
+    assert_clear_error(run_cli("train", small_corpus, "--batch-size", 0, "--out", tmp_path / "b"),
+                       "--batch-size must be at least 1, got 0")
+    from charnn import TextClassifier  # noqa: PLC0415
+
+    with pytest.raises(CharnnError, match=r"^give a budget: max_epochs, max_steps or time_budget$"):
+        TextClassifier(max_epochs=None).fit(["ab", "ba"], ["x", "y"])
+    assert_clear_error(run_cli("classify", "train", clf_runs[2], "--time", "0s", "--out", tmp_path / "c"),
+                       "--time must be positive")
+    with pytest.raises(CharnnError, match=r"^activation='relu' applies to cell='rnn' only$"):  # and after the CLI ran
+        ModelConfig(vocab_size=10, activation="relu")
 
 
 def test_train_resume_of_a_classifier_run_points_to_classify(clf_runs):
@@ -696,7 +712,7 @@ def test_eval_of_a_text_too_short_to_score_is_an_error(tiny_run, tmp_path):
 
 def test_a_min_char_count_above_every_count_is_a_clear_error(small_corpus, tmp_path):
     out = run_cli("train", small_corpus, "--min-char-count", "100000000", "--out", tmp_path / "never")
-    assert_clear_error(out, "no character occurs --min-char-count 100000000 times")
+    assert_clear_error(out, "no character occurs 100000000 times")
 
 
 def test_fine_tuning_says_how_much_of_the_corpus_the_vocabulary_lacks(tiny_run, small_corpus, tmp_path):

@@ -110,9 +110,9 @@ def test_cli_options_reach_the_checkpoint(small_corpus, tmp_path):
 
 
 def test_bad_trick_options_are_refused(small_corpus, tmp_path):
-    with pytest.raises(CharnnError, match="--gate-slope applies to --cell lstm and gru"):
+    with pytest.raises(CharnnError, match="gate_slope applies to LSTM and GRU cells"):
         ModelConfig(vocab_size=10, cell="rnn", gate_slope=2.0)
-    with pytest.raises(CharnnError, match="--gate-slope must be positive"):
+    with pytest.raises(CharnnError, match="^gate_slope must be positive"):
         ModelConfig(vocab_size=10, gate_slope=0.0)
     result = CliRunner().invoke(main, ["train", str(small_corpus), "--out", str(tmp_path / "x"), "--grad-clip", "-1"])
     assert result.exit_code == 2 and "--grad-clip must be 0 (off) or positive" in result.output

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from ..errors import CharnnError
+from ..errors import CharnnError, cli_wording
 
 
 class OneLineUsageError(click.UsageError):
@@ -33,7 +33,7 @@ def _one_line(e: click.UsageError) -> click.UsageError:
 
 class CharnnGroup(click.Group):
     """Click group that turns CharnnError into ``error: ...`` and an exit code, and click's usage errors
-    into the same one-line form (exit code 2)."""
+    into the same one-line form (exit code 2); its commands' messages name settings by their flags."""
 
     def make_context(self, *args, **kwargs):
         try:
@@ -43,7 +43,8 @@ class CharnnGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with cli_wording():
+                return super().invoke(ctx)
         except CharnnError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)

@@ -158,7 +158,7 @@ def serve_cmd(checkpoint, host, port, max_text_chars, max_generate_chars, max_ge
     _require_fastapi()
     # Bound (and listening) before anything is announced or loaded: a taken port is one error line, and no
     # other process can take the port between this check and uvicorn starting.
-    sockets = bind_sockets(host, port, host_name="--host", port_name="--port")
+    sockets = bind_sockets(host, port)
     try:
         if host not in LOOPBACK:
             click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the model", err=True)
