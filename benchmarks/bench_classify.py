@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from charnn.cli import OneLineArgumentParser
 from charnn.classify import (TextClassifier, classification_report, encode_labels, encode_texts, predict_logits,
                              read_labelled, stratified_split)
 
@@ -75,7 +76,7 @@ def at_least_one(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="names,sms", help="Comma-separated: names, sms.")
     p.add_argument("--budgets", default="10,50,200", help="Labelled examples per class (besides all labels); '' for none.")
     p.add_argument("--test-fraction", type=float, default=0.2)

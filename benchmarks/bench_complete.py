@@ -25,7 +25,6 @@ benchmark needs nothing but the corpus.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import socket
@@ -36,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from charnn.cli import OneLineArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "bench-complete-small"
@@ -230,7 +231,7 @@ def train_default_model(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
                    help="Run directory of the 2x256 model (default: trained first if missing).")
     p.add_argument("--train-time", default="10m", help="Training budget when the default checkpoint is missing.")

@@ -14,7 +14,6 @@ variant's median step time counts (the machine's speed drifts).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -22,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from charnn.cli import OneLineArgumentParser
 import charnn.model as model_mod
 from charnn.model import CharRNN, ModelConfig, sequence_loss
 from charnn.presets import PRESETS
@@ -61,7 +61,7 @@ def make_step(dropout_fn, fused_stack: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="steps per variant, interleaved; the median counts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()

@@ -34,7 +34,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from charnn.cli import OneLineArgumentParser
 from charnn.inference import Stepper, blas_threads
 from charnn.lm import LanguageModel
 from charnn.model import CharRNN, ModelConfig
@@ -291,7 +291,7 @@ def print_table(report: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=4000, help="characters per sample for charnn at batch 1")
     parser.add_argument("--naive-length", type=int, default=150, help="characters the naive loop generates")
     parser.add_argument("--repeats", type=int, default=3)

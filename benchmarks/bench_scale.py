@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from charnn.cli import OneLineArgumentParser
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
@@ -77,7 +79,7 @@ def run_worker(*args: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=int, default=1024)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--json", action="store_true", help="print one JSON object")

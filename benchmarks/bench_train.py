@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from charnn.cli import OneLineArgumentParser
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 CHECKPOINTS = (120, 300, 600)
@@ -142,7 +144,7 @@ def value_at(evals: list, t: float, budget: float) -> float | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     p.add_argument("--budget", type=float, default=600, help="seconds per run (default 600)")
     p.add_argument("--speed-budget", type=float, default=60, help="seconds per equal-size throughput run")

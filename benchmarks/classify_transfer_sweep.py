@@ -13,7 +13,6 @@ auto (charnn's default choice); lrX (finetune at learning rate X).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from charnn.cli import OneLineArgumentParser
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_classify as bc
@@ -39,7 +40,7 @@ def variant_params(variant: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="sms,names")
     p.add_argument("--budgets", default="10,50,200", help="Per-class budgets; 'all' for every label.")
     p.add_argument("--variants", default="tfidf,finetune,probe")

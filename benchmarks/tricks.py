@@ -58,6 +58,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from charnn.cli import OneLineArgumentParser
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 TARGET_BPC = 2.5
@@ -348,7 +350,7 @@ def print_speed(speed: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="tiny Shakespeare text")
     p.add_argument("--budget", type=float, default=180.0, help="training seconds per run")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (1234, 1235, ...)")

@@ -21,8 +21,9 @@ def test_lm_steps_below_one_is_refused_in_one_line(bench, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--lm-steps", value])
     assert exit_info.value.code == 2
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last_line.endswith(f": error: argument --lm-steps: must be a whole number of 1 or more, got {value!r}")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: argument --lm-steps: must be a whole number of 1 or more, "
+                                                   f"got {value!r} (see '")
 
 
 def test_lm_steps_trains_the_language_model_for_that_many_steps(bench, tmp_path):

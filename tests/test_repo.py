@@ -1,7 +1,11 @@
-"""The repository's promises: CI runs exactly the README's test command."""
+"""The repository's promises: CI runs exactly the README's test command; the benchmark scripts' errors are one line."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,3 +45,12 @@ def test_readme_glob_examples_reach_subfolders(tmp_path):
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text("x", encoding="utf-8")
         assert resolve_files([root], pattern) == [top, nested], pattern
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+def test_benchmark_scripts_refuse_a_bad_option_in_one_line(script):
+    """Every benchmark's argument mistakes print one ``error:`` line (no usage block) and exit 2."""
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--no-such-option"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: unrecognized arguments: --no-such-option (see '{script} --help')\n"

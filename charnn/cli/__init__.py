@@ -6,6 +6,7 @@ Each command group lives in its own module; errors meant for the user
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
@@ -23,6 +24,14 @@ class OneLineUsageError(click.UsageError):
         message = self.format_message()
         hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
         click.echo(f"error: {message[:1].lower()}{message[1:]}{hint}", err=True, file=file)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argparse parser (the benchmark scripts') whose mistakes print as charnn's own errors do: one ``error: ...``
+    line naming the problem and where the help is, exit code 2 (argparse's own prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 def _one_line(e: click.UsageError) -> click.UsageError:
