@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .errors import CharnnError, setting, is_number
+from .errors import CharnnError, is_number, make_dirs, setting
 from .vocab import Vocabulary
 
 FORMAT = "charnn-checkpoint"
@@ -146,7 +146,7 @@ def save_checkpoint(
     """
     target = Path(directory)
     _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(target.parent, "the checkpoint")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     tmp.chmod(0o755)
     try:

@@ -76,5 +76,6 @@ def make_dirs(directory: Path, what: str) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CharnnError(f"cannot create directory {directory} ({e.strerror or e}); "
-                          f"give {what} in a folder you can write") from None
+        blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else e.strerror or e
+        raise CharnnError(f"cannot create directory {directory} ({reason}); give {what} in a folder you can write") from None

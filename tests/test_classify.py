@@ -478,6 +478,14 @@ def test_save_and_load_give_identical_predictions(order_clf, order_data, tmp_pat
     assert loaded.get_params()["hidden"] == 32
 
 
+def test_save_under_a_file_is_a_clear_error(order_clf, tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    with pytest.raises(CharnnError, match=r"cannot create directory .*notes.txt \(.*notes.txt is a file\); give the checkpoint in a folder"):
+        order_clf.save(blocker / "model")
+    assert blocker.read_text() == "keep me"
+
+
 def test_a_saved_checkpoint_is_not_mistaken_for_a_run(order_clf, cli_run, tmp_path):
     """run_dir_ of a checkpoint saved with save() was its parent folder, which predict --json and eval reported
     as the checkpoint; it is None, and the CLI names the checkpoint it was given."""
