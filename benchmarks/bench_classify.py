@@ -25,7 +25,10 @@ For each dataset (../shared/datasets/names.tsv: surnames in 20 languages;
      (``TextClassifier(ensemble=N)``). Its first member is ``charnn-finetune``
      bit for bit, so with both systems that row is read from the ensemble's
      first member instead of being trained twice (its training time is then
-     the member's own, without predicting the test texts).
+     the member's own, without predicting the test texts). On the datasets
+     named by ``--ensemble-lms``, member *i* fine-tunes from its own language
+     model instead, trained as in step 2 with seed ``--seed`` + *i* - 1
+     (``TextClassifier(init_from=[LM1, LM2, ...])``); the first is step 2's.
 
 charnn's settings (a 1x256 LSTM from scratch, the language model's 2x256
 when fine-tuned, concat pooling, at most 20 epochs with all labels and 40 at
@@ -108,6 +111,9 @@ def parse_args(argv=None):
                         "(the language model's corpus holds one training text per line).")
     p.add_argument("--pool-every-layer", default="", metavar="DATASET,...",
                    help="charnn's --pool-layers all on these datasets' fine-tuned classifiers with all labels, e.g. sms.")
+    p.add_argument("--ensemble-lms", default="", metavar="DATASET,...",
+                   help="On these datasets each member of charnn-ensemble fine-tunes from its own language model "
+                        "(trained like the first, with seeds SEED+1, SEED+2, ...), e.g. sms.")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--balance", default="names", help="Datasets (comma-separated) on which charnn uses balanced class weights.")
     p.add_argument("--ensemble", type=int, default=3, help="Members of charnn-ensemble.")
@@ -215,9 +221,11 @@ def scores(y_true, y_pred, classes) -> dict:
     return {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"]}
 
 
-def train_lm(texts: list[str], args, workdir: Path) -> tuple[str, dict]:
+def train_lm(texts: list[str], args, workdir: Path, seed: int | None = None) -> tuple[str, dict]:
+    """A language model on ``texts`` (seed ``args.seed`` unless given) in ``workdir``."""
     from charnn import TrainConfig, train
 
+    seed = args.seed if seed is None else seed
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = workdir / "lm-corpus.txt"
     order = np.random.default_rng(args.split_seed + 3).permutation(len(texts))  # the files are sorted by label
@@ -226,8 +234,8 @@ def train_lm(texts: list[str], args, workdir: Path) -> tuple[str, dict]:
     result = train(TrainConfig(corpus=[str(corpus)], cell="lstm", layers=args.lm_layers, hidden=args.hidden, embed_dim=64,
                                batch_size=32, seq_len=64, lr=2e-3, warmup_steps=50, dropout=args.lm_dropout,
                                time_budget=None if args.lm_steps else args.lm_time, max_steps=args.lm_steps,
-                               val_fraction=0.05, patience=4, eval_every=100, seed=args.seed,
-                               device="cpu", out=str(workdir / "lm"), quiet=True))
+                               val_fraction=0.05, patience=4, eval_every=100, seed=seed, device="cpu",
+                               out=str(workdir / ("lm" if seed == args.seed else f"lm-seed-{seed}")), quiet=True))
     return str(result.run_dir), {"seconds": round(time.perf_counter() - t0, 1), "chars": len(corpus.read_text()),
                                  "best_val_bpc": result.best_val_bpc, "steps": result.steps,
                                  "epochs": round(result.epochs, 2), "stop": result.stop_reason}
@@ -266,6 +274,14 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
         log(f"[{name}] language model on the {len(pool_x):,} training texts ({lm_budget})")
         lm_path, lm_info = train_lm(pool_x, args, workdir / name)
         log(f"[{name}] language model: {lm_info}")
+    ensemble_lms, ensemble_lm_infos = lm_path, []
+    if "charnn-ensemble" in systems and name in args.ensemble_lms.split(",") and args.ensemble > 1:
+        ensemble_lms = [lm_path]
+        for seed in range(args.seed + 1, args.seed + args.ensemble):
+            path, info = train_lm(pool_x, args, workdir / name, seed=seed)
+            log(f"[{name}] language model (seed {seed}) for ensemble member {len(ensemble_lms) + 1}: {info}")
+            ensemble_lms.append(path)
+            ensemble_lm_infos.append({"seed": seed, **info})
     budgets = [None] + [int(b) for b in args.budgets.split(",") if b.strip()]
     rows = []
     for budget in budgets:
@@ -289,7 +305,7 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
             elif system in ("charnn-scratch", "charnn-finetune", "charnn-ensemble"):
                 pred, extra = charnn_fit(fit_x, fit_y.tolist(), val_x, val_y.tolist(), test_x, args, name=name, budget=budget,
                                          balance=name in args.balance.split(","),
-                                         init_from=None if system == "charnn-scratch" else lm_path,
+                                         init_from={"charnn-scratch": None, "charnn-ensemble": ensemble_lms}.get(system, lm_path),
                                          ensemble=args.ensemble if system == "charnn-ensemble" else 1)
             else:
                 sys.exit(f"unknown system {system!r}")
@@ -302,7 +318,8 @@ def run_dataset(name: str, args, workdir: Path) -> dict:
             extra.pop("first_member_pred", None)
             add_row(system, pred, seconds, extra)
     return {"dataset": name, "texts": len(pool_x) + len(test_x), "classes": len(classes), "train": len(pool_x), "test": len(test_x),
-            "language_model": lm_info, "rows": rows}
+            "language_model": lm_info, **({"ensemble_language_models": ensemble_lm_infos} if ensemble_lm_infos else {}),
+            "rows": rows}
 
 
 def verdicts(results: list[dict]) -> dict:

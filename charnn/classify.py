@@ -30,6 +30,7 @@ import inspect
 import io
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -51,8 +52,8 @@ from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError, check_settings, make_dirs, setting
 from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_layers, run_recurrent
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, caller_rng_kept,
-                       check_types, make_optimizer)
+from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, as_path_list,
+                       caller_rng_kept, check_types, make_optimizer)
 from .vocab import Vocabulary
 
 KIND = "classifier"
@@ -695,6 +696,14 @@ def plot_confusion_matrix(report: dict, output: str | Path) -> Path:
 
 
 # -- configuration ------------------------------------------------------------------------------------------
+def _language_models(value) -> str | list[str] | None:
+    """``init_from`` as stored: None, one path (a string), or a list of two or more paths (one of one is the path)."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return as_path(value)
+    models = as_path_list(value)
+    return (models or [None])[0] if len(models) < 2 else models
+
+
 @dataclass
 class ClassifyConfig:
     """Options of a classifier (the parameters of :class:`TextClassifier`)."""
@@ -719,7 +728,7 @@ class ClassifyConfig:
     pool_layers: str = "top"  # "all": the head reads every recurrent layer's pooled outputs
     newline_frame: bool = False  # read "\n" + text + "\n", as a language model trained on one text per line saw it
     # transfer
-    init_from: str | None = None
+    init_from: str | list[str] | None = None  # several: member i of an ensemble fine-tunes from the i-th (cycling)
     freeze_encoder: bool | None = None  # None: on when fine-tuning with < PROBE_BELOW_STEPS_PER_EPOCH steps per epoch
     gradual_unfreeze: bool | None = None  # None: on when fine-tuning
     layer_lr_decay: float | None = None  # None: 2.6 when fine-tuning, else 1
@@ -753,7 +762,9 @@ class ClassifyConfig:
     quiet: bool = True
 
     def __post_init__(self):
-        self.out, self.init_from = as_path(self.out), as_path(self.init_from)  # pathlib paths: the strings JSON stores
+        self.out, self.init_from = as_path(self.out), _language_models(self.init_from)  # the strings JSON stores
+        if isinstance(self.init_from, list) and self.ensemble == 1:
+            self.ensemble = len(self.init_from)  # several language models: one member from each
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -766,6 +777,12 @@ class ClassifyConfig:
     @property
     def fine_tuning(self) -> bool:
         return bool(self.init_from)
+
+    @property
+    def member_init_from(self) -> str | None:
+        """The language model this member fine-tunes from: the only one, or member i's of several (cycling)."""
+        models = self.init_from
+        return models[self.member % len(models)] if isinstance(models, list) else models
 
     def unfreeze_gradually(self) -> bool:
         return self.fine_tuning if self.gradual_unfreeze is None else bool(self.gradual_unfreeze)
@@ -800,6 +817,9 @@ class ClassifyConfig:
              f"give a budget: {setting('max_epochs')}, {setting('max_steps')} or {setting('time_budget')}"),
             (self.patience is None or self.patience >= 1, "patience", f"must be at least 1, got {self.patience}"),
             (self.ensemble >= 1, "ensemble", f"must be at least 1 (1: a single classifier), got {self.ensemble}"),
+            (not isinstance(self.init_from, list) or self.ensemble >= len(self.init_from), "ensemble",
+             f"must be at least the number of language models ({len(self.init_from or ())}, one member from each), "
+             f"got {self.ensemble}"),
             (self.eval_every is None or self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}"),
             (0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}"),
             (not (self.bidirectional and self.init_from), "bidirectional", "trains from scratch only (a language "
@@ -919,7 +939,7 @@ class ClassifierTrainer(BudgetClock):
         elif cfg.init_from:
             from .lm import load_language_model
 
-            lm, lm_ckpt = load_language_model(cfg.init_from, device="cpu")
+            lm, lm_ckpt = load_language_model(cfg.member_init_from, device="cpu")
             self.vocab, self.encoder_config = lm_ckpt.vocab, lm.config
             self.lm_path = str(lm_ckpt.path)
             for name in ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout"):
@@ -930,7 +950,8 @@ class ClassifierTrainer(BudgetClock):
             self.encoder_config = cfg.encoder_config(len(self.vocab))
         if cfg.frame and cfg.frame not in self.vocab:
             raise CharnnError(f"{setting('newline_frame')} needs a newline in the language model's vocabulary, and "
-                              f"{cfg.init_from} has none (its corpus had no line breaks); drop {setting('newline_frame')}")
+                              f"{cfg.member_init_from} has none (its corpus had no line breaks); drop "
+                              f"{setting('newline_frame')}")
         self.train_ids = encode_texts(texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
         self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
         self.lengths = np.array([len(e) for e in self.train_ids], dtype=np.int64)
@@ -1328,6 +1349,8 @@ class EnsembleTrainer:
         self.nets: list[ClassifierNet] = []
         if resuming:
             self._load_finished()
+        else:
+            _check_one_vocabulary(cfg.init_from)
         self.current = self._member(min(len(self.nets), cfg.ensemble - 1))  # all finished: the last, for its settings
         self.vocab, self.classes = self.current.vocab, self.current.classes
         self.device, self.precision = self.current.device, self.current.precision
@@ -1381,7 +1404,9 @@ class EnsembleTrainer:
     def describe(self) -> str:
         seeds = ", ".join(str(replace(self.cfg, member=i).init_seed) for i in range(self.cfg.ensemble))
         done = f"; {len(self.finished)} finished" if self.finished else ""
-        return (f"{self.current.describe()}\nensemble: {self.cfg.ensemble} members (seeds {seeds}) in "
+        models = (f", fine-tuned from {len(self.cfg.init_from)} language models in turn"
+                  if isinstance(self.cfg.init_from, list) else "")
+        return (f"{self.current.describe()}\nensemble: {self.cfg.ensemble} members (seeds {seeds}){models} in "
                 f"{self.run_dir}/member-N{done}; their mean probability predicts")
 
     def fit(self) -> ClassifyResult:
@@ -1421,6 +1446,8 @@ class EnsembleTrainer:
         validation scores."""
         config = self.current.config_dict()
         config["classifier"]["members"] = self.cfg.ensemble
+        if isinstance(self.cfg.init_from, list):
+            config["classifier"]["init_from"] = [str(ckpt.load_checkpoint(m).path) for m in self.cfg.init_from]
         config["training"] = {**config["training"], "member": 0}
         config["summary"] = {**config["summary"], "best": self.best, "last": self.best,
                              "step": self._total("steps"), "epoch": round(self._total("epochs"), 4),
@@ -1429,6 +1456,22 @@ class EnsembleTrainer:
                              "members": [{k: m[k] for k in ("member", "seed", "steps", "epochs", "best_val_f1",
                                                             "stop_reason")} for m in self.finished]}
         return config
+
+
+def _check_one_vocabulary(init_from) -> None:
+    """Several language models (one per ensemble member) must share one vocabulary: the ensemble reads each text
+    once, with one vocabulary, for all its members."""
+    if not isinstance(init_from, list):
+        return
+    from .lm import load_language_model
+
+    first = load_language_model(init_from[0], device="cpu")[1]
+    for path in init_from[1:]:
+        other = load_language_model(path, device="cpu")[1]
+        if other.vocab.chars != first.vocab.chars:
+            raise CharnnError(f"the language models {first.path} and {other.path} have different vocabularies, and an "
+                              f"ensemble reads its texts with one; give {setting('init_from')} models trained on the "
+                              "same corpus")
 
 
 def _resumed_settings(run_dir, source: ckpt.Checkpoint, overrides: dict | None, data: tuple | None):

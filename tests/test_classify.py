@@ -309,6 +309,53 @@ def test_init_from_loads_encoder_weights_and_vocabulary_exactly(tiny_run, order_
     assert not torch.equal(saved["head.weight"], head_before)
 
 
+@pytest.fixture(scope="module")
+def second_lm(tmp_path_factory, small_corpus) -> Path:
+    """A language model like ``tiny_run`` (same corpus, so the same vocabulary) from another seed."""
+    from charnn import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-seed-7"
+    train(TrainConfig(corpus=[str(small_corpus)], preset="tiny", max_steps=20, seed=7, out=str(out), quiet=True))
+    return out
+
+
+def test_an_ensemble_fine_tunes_each_member_from_its_own_language_model(tiny_run, second_lm, order_data, tmp_path):
+    (texts, labels), _ = order_data
+    models = [load_language_model(run)[0] for run in (tiny_run, second_lm)]
+    assert not torch.equal(models[0].embed.weight, models[1].embed.weight)
+    clf = TextClassifier(**{**FAST, "max_epochs": 1, "freeze_encoder": True}, init_from=[tiny_run, str(second_lm)],
+                         out=tmp_path / "run").fit(texts[:80], labels[:80])
+    assert len(clf.result_.members) == 2  # one member per language model, without asking for an ensemble
+    for member, lm in zip(clf.net_.members, models):  # a probe keeps each member's encoder its model's, exactly
+        for name, value in lm_params(lm).items():
+            assert torch.equal(member.state_dict()[name], value), name
+    for i, run in enumerate((tiny_run, second_lm)):
+        member_config = json.loads((tmp_path / "run" / f"member-{i + 1}" / "best" / "config.json").read_text())
+        assert member_config["classifier"]["init_from"] == str(run / "best")
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "run")])
+    assert info.exit_code == 0 and f"language models: {tiny_run / 'best'}, {second_lm / 'best'}" in info.output
+
+
+def test_several_language_models_need_one_vocabulary_and_a_member_each(tiny_run, second_lm, order_data, tmp_path):
+    from charnn import TrainConfig, train
+
+    (texts, labels), _ = order_data
+    other = tmp_path / "other.txt"
+    other.write_text("abc xyz\n" * 500, encoding="utf-8")
+    other_lm = tmp_path / "other-lm"
+    train(TrainConfig(corpus=[str(other)], preset="tiny", max_steps=1, out=str(other_lm), quiet=True))
+    with pytest.raises(CharnnError, match="have different vocabularies, and an ensemble reads its texts with one"):
+        TextClassifier(**FAST, init_from=[tiny_run, other_lm]).fit(texts[:40], labels[:40])
+    with pytest.raises(CharnnError, match=r"^ensemble must be at least the number of language models \(3, one member "):
+        TextClassifier(**FAST, init_from=[tiny_run, second_lm, tiny_run], ensemble=2).fit(texts[:40], labels[:40])
+    assert ClassifyConfig(init_from=[tiny_run]).init_from == str(tiny_run)  # a list of one is that model
+    assert ClassifyConfig(init_from=(tiny_run, second_lm), ensemble=4).ensemble == 4  # members take them in turn
+    result = CliRunner().invoke(main, ["classify", "train", "--init-from", str(tiny_run), "--init-from", str(other_lm),
+                                       "--out", str(tmp_path / "cli"), str(write_tsv(tmp_path / "d.tsv", texts[:40], labels[:40]))])
+    assert result.exit_code == 2 and result.output.startswith("error: the language models ") and "--init-from" in result.output
+    assert not (tmp_path / "cli").exists()
+
+
 def test_gradual_unfreezing_and_discriminative_learning_rates(tiny_run, order_data):
     (texts, labels), _ = order_data
     lm, _ = load_language_model(tiny_run)

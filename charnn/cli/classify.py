@@ -53,7 +53,10 @@ def _data_options(f):
 @click.option("--val", "val_data", type=click.Path(), help="Validation data (same format); default: a stratified split of DATA.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Stratified fraction of DATA that validates (without --val).")
 @click.option("--multi-label", is_flag=True, help="Texts may have several labels (sigmoid outputs, threshold 0.5).")
-@click.option("--init-from", type=click.Path(), help="Start the encoder from this language model (charnn train run); its vocabulary too.")
+@click.option("--init-from", type=click.Path(), multiple=True,
+              help="Start the encoder from this language model (charnn train run); its vocabulary too. Repeat it to "
+                   "fine-tune an ensemble's members from several models trained on the same corpus (one member from "
+                   "each, in turn; --ensemble defaults to their number).")
 @click.option("--freeze-encoder/--no-freeze-encoder", default=None,
               help="Train the head only: a linear probe of the language model's features, fitted as logistic regression "
                    "with its L2 strength chosen by 5-fold cross-validation.  "

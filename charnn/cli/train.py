@@ -299,8 +299,16 @@ def _classifier_lines(c: dict) -> list[str]:
         f"head dropout {c.get('head_dropout')}",
         *(["input: each text framed by newlines (read as a line of the language model's corpus)"] if c.get("frame") else []),
         keeps,
-        f"language model: {c['init_from'] if c.get('init_from') else 'none (the encoder was trained from scratch)'}",
+        _language_models_line(c.get("init_from")),
     ]
+
+
+def _language_models_line(init_from) -> str:
+    if not init_from:
+        return "language model: none (the encoder was trained from scratch)"
+    if isinstance(init_from, list):
+        return f"language models: {', '.join(init_from)} (one per ensemble member, in turn)"
+    return f"language model: {init_from}"
 
 
 @main.command("plot")
