@@ -50,11 +50,12 @@ from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import CharnnError, check_settings, make_dirs, setting
-from .model import CELLS, CharRNN, Dropout, ModelConfig, init_recurrent, run_layers, run_recurrent
+from .model import (CELLS, CharRNN, Dropout, ModelConfig, fits_in_memory, init_recurrent, run_layers,
+                    run_recurrent)
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path, as_path_list,
-                       caller_rng_kept, check_types, make_optimizer)
-from .vocab import Vocabulary
+from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, SEED_LIMIT, as_path,
+                       as_path_list, caller_rng_kept, check_types, make_optimizer)
+from .vocab import Vocabulary, training_vocabulary
 
 KIND = "classifier"
 POOLINGS = ("last", "mean", "max", "concat")
@@ -272,6 +273,8 @@ def encode_labels(labels, multi_label: bool, classes: np.ndarray | None = None,
         raise InvalidInput(f"labels must be one per text (a 1-D sequence), got shape {arr.shape}; "
                           f"for several labels per text use {setting('multi_label', True)}")
     values = [_py(v) for v in arr.tolist()]
+    if None in values:
+        raise InvalidInput(f"label {values.index(None)} (counting from 0) is None; give every text a label")
     seen = sorted(set(values), key=_sort_key)
     if classes is None:
         classes = _class_array(seen)
@@ -700,7 +703,7 @@ def _language_models(value) -> str | list[str] | None:
     """``init_from`` as stored: None, one path (a string), or a list of two or more paths (one of one is the path)."""
     if value is None or isinstance(value, (str, os.PathLike)):
         return as_path(value)
-    models = as_path_list(value)
+    models = as_path_list(value, "init_from")
     return (models or [None])[0] if len(models) < 2 else models
 
 
@@ -810,7 +813,11 @@ class ClassifyConfig:
             (self.min_char_count >= 1, "min_char_count", f"must be at least 1, got {self.min_char_count}"),
             (self.lr_decay() >= 1, "layer_lr_decay",
              f"must be at least 1 (1: one rate for all layers), got {self.layer_lr_decay}"),
-            (self.max_epochs is None or self.max_epochs > 0, "max_epochs", f"must be positive, got {self.max_epochs}"),
+            (self.max_epochs is None or 0 < self.max_epochs < math.inf, "max_epochs",
+             f"must be a positive (finite) number, got {self.max_epochs}"),
+            (0 <= self.seed < SEED_LIMIT, "seed", f"must be in [0, 2**63), got {self.seed}"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be at least 1, got {self.max_steps}"),
             (self.time_budget is None or self.time_budget > 0, "time_budget", "must be positive"),
             (self.max_epochs or self.max_steps or self.time_budget, None,
@@ -945,7 +952,7 @@ class ClassifierTrainer(BudgetClock):
             for name in ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout"):
                 setattr(cfg, name, getattr(lm.config, name))  # the run's settings say what it really used
         else:
-            chars = Vocabulary.from_text("".join(texts), min_count=cfg.min_char_count).chars
+            chars = training_vocabulary("".join(texts), cfg.min_char_count, "the training texts").chars
             self.vocab = Vocabulary(chars + list(cfg.frame))  # the frame is known however rare in the texts
             self.encoder_config = cfg.encoder_config(len(self.vocab))
         if cfg.frame and cfg.frame not in self.vocab:
@@ -956,7 +963,8 @@ class ClassifierTrainer(BudgetClock):
         self.val_ids = encode_texts(val_texts, self.vocab, cfg.max_chars, cfg.truncation, cfg.frame)
         self.lengths = np.array([len(e) for e in self.train_ids], dtype=np.int64)
         torch.manual_seed(cfg.init_seed)
-        self.net = self._new_net().to(self.device)
+        with fits_in_memory(self.encoder_config):
+            self.net = self._new_net().to(self.device)
         if lm is not None:
             self.net.load_encoder(lm)
         self.groups = self.net.layer_groups()
@@ -1012,6 +1020,7 @@ class ClassifierTrainer(BudgetClock):
         info = {"data": str(data), "val": str(val) if val else None, "text_col": text_col, "label_col": label_col,
                 "label_sep": label_sep, "encoding": encoding}
         train, vdata = _read_info(info, cfg.multi_label)
+        info.update(data=os.path.abspath(data), val=os.path.abspath(val) if val else None)  # --resume reads them anywhere
         if cfg.out is None and kwargs.get("run_dir") is None:
             kwargs["run_dir"] = ckpt.new_run_dir(None, f"{Path(data).stem}-classify")
         return cls(cfg, train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None,
@@ -1685,10 +1694,22 @@ class TextClassifier(_Params):
         return bool(self.checkpoint_config_["classifier"]["multi_label"])
 
     # -- persistence ---------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted model as a checkpoint directory (safetensors + JSON) at ``path``."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the fitted model as a checkpoint directory (safetensors + JSON) at ``path``: a new or empty folder,
+        or, with ``overwrite=True``, an earlier classifier checkpoint (never another kind of model, nor a run's own
+        ``best``/``last``, whose run would no longer match it)."""
         self._check_fitted()
-        return ckpt.save_checkpoint(path, model=self.net_, vocab=self.vocab_, config=self.checkpoint_config_)
+        target = Path(path)
+        if ckpt.is_checkpoint_dir(target):
+            kind = ckpt.load_checkpoint(target).kind
+            if kind != "classifier":
+                raise CharnnError(f"{target} holds a {kind} checkpoint; save the classifier to another folder")
+            if (target.parent / ckpt.METRICS).is_file():  # a run directory's best/ or last/
+                raise CharnnError(f"{target} is a checkpoint of the run {target.parent}; save to another folder")
+            if not overwrite:
+                raise CharnnError(f"{target} already holds a classifier checkpoint; pass overwrite=True to replace it, "
+                                  "or save to another folder")
+        return ckpt.save_checkpoint(target, model=self.net_, vocab=self.vocab_, config=self.checkpoint_config_)
 
     @classmethod
     def load(cls, path: str | Path, *, which: str = "best", device: str = "cpu") -> "TextClassifier":

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CharnnError, is_integer, is_number
+from .errors import CharnnError, check_settings, is_integer, is_number
 from .inference import SMALL_BATCH, Stepper, blas_threads
 
 MODES = ("word", "phrase", "line")
@@ -242,19 +242,17 @@ class Completer:
     def __init__(self, model_or_path=None, *, vocab=None, device: str = "cpu", beam_width: int = 8,
                  length_penalty: float = 0.5, context_chars: int = 1024, cache_size: int = 512,
                  checkpoint_every: int = 64):
-        checks = [
-            (is_integer(beam_width) and beam_width >= 1, f"beam_width must be an integer of at least 1, got {beam_width!r}"),
-            (is_number(length_penalty) and length_penalty >= 0,
-             f"length_penalty must be a number of 0 or more, got {length_penalty!r}"),
-            (is_integer(context_chars) and context_chars >= 2,
+        check_settings([  # the command line has flags for the first two only (the others: their Python names)
+            (is_integer(beam_width) and beam_width >= 1, "beam_width", f"must be an integer of at least 1, got {beam_width!r}"),
+            (is_number(length_penalty) and 0 <= length_penalty < math.inf, "length_penalty",
+             f"must be a finite number of 0 or more, got {length_penalty!r}"),
+            (is_integer(context_chars) and context_chars >= 2, None,
              f"context_chars must be an integer of at least 2, got {context_chars!r}"),
-            (is_integer(cache_size) and cache_size >= 1, f"cache_size must be an integer of at least 1, got {cache_size!r}"),
-            (is_integer(checkpoint_every) and checkpoint_every >= 1,
+            (is_integer(cache_size) and cache_size >= 1, None,
+             f"cache_size must be an integer of at least 1, got {cache_size!r}"),
+            (is_integer(checkpoint_every) and checkpoint_every >= 1, None,
              f"checkpoint_every must be an integer of at least 1, got {checkpoint_every!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise CharnnError(message)
+        ])
         self.model, self.vocab = _resolve_model(model_or_path, vocab, device)
         self.device = next(self.model.parameters()).device
         shared = getattr(model_or_path, "stepper", None)  # a charnn.load(...) model's stepper is thread-safe: share it

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CharnnError, setting
-from .vocab import Vocabulary
+from .vocab import Vocabulary, training_vocabulary
 
 BINARY_SNIFF_BYTES = 8192
 
@@ -36,8 +37,12 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
     for p in map(Path, paths):
         if p.is_dir():
             # hidden files and everything under hidden folders (.git, .venv...) are skipped
-            found = sorted(f for f in p.glob(glob)
-                           if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            try:
+                found = sorted(f for f in p.glob(glob)
+                               if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            except (ValueError, NotImplementedError) as e:  # '', '/abs/*.txt', '***'
+                raise CharnnError(f"{setting('glob')} {glob!r} is not a usable pattern ({e}); give one relative to "
+                                  "the folder, such as '**/*.txt'") from None
             if not found:
                 raise CharnnError(f"directory {p} has no files matching {setting('glob')} {glob!r}; change {setting('glob')} or the path")
             files.extend(found)
@@ -70,6 +75,20 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
             f"{path} is not valid {encoding} (byte {e.start}: {e.reason}); "
             f"pass its encoding with {setting('encoding')}, e.g. {setting('encoding', 'latin-1')}"
         ) from e
+
+
+def read_stdin(encoding: str = "utf-8", fix: str = "") -> str:
+    """Standard input decoded with ``encoding``; undecodable bytes are a CharnnError (not a traceback under a UTF-8
+    locale, nor raw bytes passed on under the C locale's surrogateescape) whose fix is ``fix`` (default: name the
+    encoding)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode(encoding)
+    except LookupError as e:
+        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid {setting('encoding')} such as utf-8 or latin-1") from e
+    except UnicodeDecodeError as e:
+        fix = fix or f"pass its encoding with {setting('encoding')}, e.g. {setting('encoding', 'latin-1')}"
+        raise CharnnError(f"standard input is not valid {encoding} (byte {e.start}: {e.reason}); {fix}") from None
 
 
 def read_corpus_text(paths: Sequence[str | Path], glob: str = "**/*", encoding: str = "utf-8") -> str:
@@ -136,10 +155,7 @@ def load_corpus(
     cut = split_point(len(text), val_fraction)
     train_text, val_text = text[:cut], text[cut:]
     if vocab is None:
-        vocab = Vocabulary.from_text(train_text, min_count=min_char_count)
-        if len(vocab) < 2 and train_text:
-            raise CharnnError(f"no character occurs {min_char_count} times in the training text "
-                              f"({len(train_text):,} characters); lower {setting('min_char_count')}")
+        vocab = training_vocabulary(train_text, min_char_count)
     return Corpus(vocab, vocab.encode(train_text), vocab.encode(val_text), [str(p) for p in paths])
 
 

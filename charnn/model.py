@@ -7,6 +7,7 @@ can carry it across chunks (training, validation, generation).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -19,6 +20,7 @@ from .errors import CharnnError, check_settings, setting
 
 CELLS = ("lstm", "gru", "rnn")
 INITS = ("orthogonal", "identity", "xavier", "gaussian", "default")
+MAX_WIDTH = 2**20  # hidden units or embedding size: far beyond any machine, and within torch's integer sizes
 GAUSSIAN_STD = 0.05  # --init gaussian: N(0, 0.05^2), the Passage library's "normal" init (the naive baseline)
 ACTIVATIONS = ("tanh", "relu")
 
@@ -49,8 +51,9 @@ class ModelConfig:
         checks = [
             (self.cell in CELLS, "cell", f"must be one of {', '.join(CELLS)}, got {self.cell!r}"),
             (self.layers >= 1, "layers", f"must be at least 1, got {self.layers}"),
-            (self.hidden >= 1, "hidden", f"must be at least 1, got {self.hidden}"),
-            (self.embed_dim >= 0, "embed_dim", f"must be 0 (one-hot) or positive, got {self.embed_dim}"),
+            (1 <= self.hidden <= MAX_WIDTH, "hidden", f"must be in [1, {MAX_WIDTH:,}], got {self.hidden}"),
+            (0 <= self.embed_dim <= MAX_WIDTH, "embed_dim", f"must be 0 (one-hot) or positive, at most {MAX_WIDTH:,}, "
+             f"got {self.embed_dim}"),
             (0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}"),
             (0 <= self.embed_dropout < 1, "embed_dropout", f"must be in [0, 1), got {self.embed_dropout}"),
             (0 <= self.weight_drop < 1, "weight_drop", f"must be in [0, 1), got {self.weight_drop}"),
@@ -84,6 +87,19 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@contextlib.contextmanager
+def fits_in_memory(config: ModelConfig):
+    """Building (or moving) a model too large for this machine's memory, inside the block, is a CharnnError naming
+    the sizes to lower (torch's allocators raise RuntimeError, CUDA's OutOfMemoryError)."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and not any(s in str(e).lower() for s in ("alloc", "out of memory")):
+            raise
+        raise CharnnError(f"a model of {config.layers} x {config.hidden:,} units does not fit in this machine's "
+                          f"memory; lower {setting('hidden')} or {setting('layers')}") from None
 
 
 class CharRNN(nn.Module):

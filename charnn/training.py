@@ -30,7 +30,7 @@ from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
 from .distributed import DistContext, init_from_env, shutdown
 from .errors import CharnnError, check_settings, is_integer, is_number, make_dirs, setting
-from .model import CharRNN, ModelConfig, bits_per_char, sequence_loss
+from .model import CharRNN, ModelConfig, bits_per_char, fits_in_memory, sequence_loss
 from .presets import recommend
 from .vocab import UNK_ID
 
@@ -104,7 +104,7 @@ class TrainConfig:
     def __post_init__(self):
         # From Python: one path may stand for a list of one (a str is not iterated as one-character paths), and
         # pathlib paths become the strings a run's JSON config stores.
-        self.corpus = as_path_list(self.corpus)
+        self.corpus = as_path_list(self.corpus, "corpus")
         self.out, self.init_from = as_path(self.out), as_path(self.init_from)
 
     def to_dict(self) -> dict:
@@ -121,13 +121,21 @@ def as_path(value):
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def as_path_list(value) -> list:
-    """Paths as a list of strings: one path (str or os.PathLike) is a list of one; None is empty."""
+def as_path_list(value, name: str) -> list:
+    """Paths as a list of strings: one path (str or os.PathLike) is a list of one; None is empty. Anything else is
+    a CharnnError naming the setting ``name``."""
     if value is None:
         return []
     if isinstance(value, (str, os.PathLike)):
         value = [value]
-    return [as_path(p) for p in value]
+    try:
+        paths = [as_path(p) for p in value]
+    except TypeError:
+        paths = [value]
+    for p in paths:
+        if not isinstance(p, str):
+            raise CharnnError(f"{setting(name)} must be paths (str or pathlib.Path), got {p!r}")
+    return paths
 
 
 def check_types(cfg) -> None:
@@ -178,6 +186,9 @@ class TrainResult:
     weight_decay: float | None = None  # the decay used in the end (it can follow the planned epochs)
 
 
+SEED_LIMIT = 2**63  # torch's seeds are 64-bit integers
+
+
 # -- setup helpers ------------------------------------------------------------------------------
 def _validate(cfg: TrainConfig) -> None:
     checks = [
@@ -195,7 +206,10 @@ def _validate(cfg: TrainConfig) -> None:
          f"must be at least 1, got {cfg.grad_accum}"),
         (cfg.min_char_count >= 1, "min_char_count", f"must be at least 1, got {cfg.min_char_count}"),
         (cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", f"must be at least 1, got {cfg.max_steps}"),
-        (cfg.max_epochs is None or cfg.max_epochs > 0, "max_epochs", f"must be positive, got {cfg.max_epochs}"),
+        (cfg.max_epochs is None or 0 < cfg.max_epochs < math.inf, "max_epochs",
+         f"must be a positive (finite) number, got {cfg.max_epochs}"),
+        (0 <= cfg.seed < SEED_LIMIT, "seed", f"must be in [0, 2**63), got {cfg.seed}"),
+        (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}"),
         (cfg.time_budget is None or cfg.time_budget > 0, "time_budget", f"must be positive, got {cfg.time_budget}"),
         (cfg.patience is None or cfg.patience >= 1, "patience", f"must be at least 1, got {cfg.patience}"),
         (cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", f"must be at least 1, got {cfg.eval_every}"),
@@ -394,11 +408,14 @@ class Trainer(BudgetClock):
             self.cfg.corpus, glob=self.cfg.glob, encoding=self.cfg.encoding, val_fraction=self.cfg.val_fraction,
             min_char_count=self.cfg.min_char_count, vocab=vocab, progress=not self.cfg.quiet and self.dist.is_main,
         )
+        if not resume_from:  # --resume and eval-complete read the corpus again, from wherever they are run
+            self.cfg.corpus = [os.path.abspath(p) for p in self.cfg.corpus]
         self.model_config = self._model_config(resume_from or init, fine_tuning=init is not None)
         for name in MODEL_FIELDS:  # the run's settings say what it really used (fine-tuning keeps the architecture)
             setattr(self.cfg, name, getattr(self.model_config, name))
         torch.manual_seed(self.cfg.seed)
-        self.model = CharRNN(self.model_config).to(self.device)
+        with fits_in_memory(self.model_config):
+            self.model = CharRNN(self.model_config).to(self.device)
         if init:
             init.load_weights(self.model, self.device)
         self.batcher = StreamBatcher(self.corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.rank,

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .errors import CharnnError
+from .errors import CharnnError, setting
 
 UNK = "\ufffd"  # shown in decoded text where the unknown symbol stands
 UNK_ID = 0
@@ -114,3 +114,13 @@ def count_codepoints(text: str, counts: np.ndarray | None = None) -> np.ndarray:
         return hist
     counts += hist
     return counts
+
+
+def training_vocabulary(text: str, min_count: int = 1, what: str = "the training text") -> Vocabulary:
+    """The characters of ``text`` (``what``, in the message) that occur ``min_count`` times or more; a threshold
+    that leaves none is a CharnnError naming it."""
+    vocab = Vocabulary.from_text(text, min_count=min_count)
+    if len(vocab) < 2 and text:
+        raise CharnnError(f"no character occurs {min_count} times in {what} ({len(text):,} characters); "
+                          f"lower {setting('min_char_count')}")
+    return vocab

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -270,9 +271,12 @@ def test_newline_frame_and_every_layer_through_fit_save_load_and_the_cli(tiny_ru
 
 def test_newline_frame_from_scratch_knows_the_newline_and_needs_one_in_a_language_model(tiny_run, order_data, tmp_path):
     (texts, labels), _ = order_data
-    trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "newline_frame": True, "min_char_count": 1000}),
+    counts = Counter("".join(texts[:64]))
+    most = max(counts.values())
+    trainer = ClassifierTrainer(ClassifyConfig(**{**FAST, "newline_frame": True, "min_char_count": most, "val_fraction": 0.0}),
                                 texts[:64], labels[:64])
-    assert trainer.vocab.chars[1:] == ["\n"]  # however rare: the frame is never unknown
+    kept = sorted(c for c, n in counts.items() if n == most)
+    assert trainer.vocab.chars[1:] == sorted(kept + ["\n"])  # however rare (here absent): the frame is never unknown
     lm = tmp_path / "lm"
     shutil.copytree(tiny_run, lm)
     for which in ("best", "last"):  # a language model whose corpus had no line breaks
@@ -531,6 +535,25 @@ def test_save_under_a_file_is_a_clear_error(order_clf, tmp_path):
     with pytest.raises(CharnnError, match=r"cannot create directory .*notes.txt \(.*notes.txt is a file\); give the checkpoint in a folder"):
         order_clf.save(blocker / "model")
     assert blocker.read_text() == "keep me"
+
+
+def test_save_never_replaces_another_model_or_a_runs_checkpoint(order_clf, order_data, cli_run, tiny_run, tmp_path):
+    _, (test_texts, _) = order_data
+    run, _, _ = cli_run
+    lm_copy, run_copy = tmp_path / "lm", tmp_path / "run"
+    shutil.copytree(tiny_run, lm_copy)
+    shutil.copytree(run, run_copy)
+    before = {p: (p / "model.safetensors").read_bytes() for p in (lm_copy / "best", run_copy / "best")}
+    with pytest.raises(CharnnError, match="holds a language-model checkpoint; save the classifier to another folder"):
+        order_clf.save(lm_copy / "best", overwrite=True)
+    with pytest.raises(CharnnError, match="is a checkpoint of the run .*; save to another folder"):
+        order_clf.save(run_copy / "best", overwrite=True)
+    assert {p: (p / "model.safetensors").read_bytes() for p in before} == before
+    saved = order_clf.save(tmp_path / "model")
+    with pytest.raises(CharnnError, match="already holds a classifier checkpoint; pass overwrite=True to replace it"):
+        order_clf.save(saved)
+    assert order_clf.save(saved, overwrite=True) == saved
+    assert np.array_equal(TextClassifier.load(saved).predict_proba(test_texts), order_clf.predict_proba(test_texts))
 
 
 def test_a_saved_checkpoint_is_not_mistaken_for_a_run(order_clf, cli_run, tmp_path):
@@ -1003,3 +1026,13 @@ def test_parameters_of_the_wrong_type_are_clear_errors(params, message):
     with pytest.raises(CharnnError, match=message):
         TextClassifier(**{**FAST, **params}).fit(texts, labels)
     ClassifyConfig(hidden=np.int64(8), lr=np.float32(0.01), max_epochs=2, multi_label=np.bool_(False)).validate()
+
+
+def test_predict_reads_stdin_in_its_encoding(cli_run):
+    run, _, _ = cli_run
+    bad = CliRunner().invoke(main, ["classify", "predict", str(run)], input=b"xab\xe9y\n")
+    assert bad.exit_code == 2 and bad.output.startswith("error: standard input is not valid utf-8 (byte 3"), bad.output
+    assert "--encoding latin-1" in bad.output
+    for args in (["--encoding", "latin-1"], ["--encoding", "latin-1", "--file", "-"]):
+        good = CliRunner().invoke(main, ["classify", "predict", str(run), "--json", *args], input=b"xab\xe9y\n")
+        assert good.exit_code == 0 and json.loads(good.output)["predictions"][0]["text"] == "xab\u00e9y", good.output

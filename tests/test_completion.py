@@ -173,7 +173,7 @@ def test_bad_construction_raises_charnn_errors(tiny_run, lm):
     # failed with 'Partition index must be integer'; cache_size=2.5 and context_chars=100.5 were taken)
     for settings, message in ((dict(beam_width=2.5), "beam_width must be an integer of at least 1, got 2.5"),
                               (dict(beam_width="8"), "beam_width must be an integer of at least 1, got '8'"),
-                              (dict(length_penalty="0.5"), "length_penalty must be a number of 0 or more, got '0.5'"),
+                              (dict(length_penalty="0.5"), "length_penalty must be a finite number of 0 or more, got '0.5'"),
                               (dict(cache_size=2.5), "cache_size must be an integer of at least 1, got 2.5"),
                               (dict(context_chars=100.5), "context_chars must be an integer of at least 2, got 100.5"),
                               (dict(checkpoint_every=1.5), "checkpoint_every must be an integer of at least 1, got 1.5")):
@@ -356,7 +356,7 @@ def test_complete_refuses_stdin_that_is_not_utf8(tiny_run):
         result = CliRunner().invoke(main, ["complete", str(tiny_run), *args], input=b"caf\xe9 au lait\n")
         assert result.exit_code == 2, result.output
         assert result.stdout == "" and "Traceback" not in result.output
-        assert result.stderr.startswith("error: standard input is not valid UTF-8 (byte 3")
+        assert result.stderr.startswith("error: standard input is not valid utf-8 (byte 3")
         assert result.stderr.count("\n") == 1
     ok = CliRunner().invoke(main, ["complete", str(tiny_run), "--json"], input="caf\u00e9\n".encode())
     assert ok.exit_code == 0 and json.loads(ok.stdout)["inputs"][0]["text"] == "caf\u00e9"

@@ -440,7 +440,7 @@ def test_threads_option_sets_torch_threads(tiny_run):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert_clear_error(run_cli("--threads", 0, "info", tiny_run), "--threads must be at least 1")
+    assert_clear_error(run_cli("--threads", 0, "info", tiny_run), "--threads must be between 1 and 1024, got 0")
 
 
 def test_train_json_prints_one_object(small_corpus, tmp_path):
@@ -493,9 +493,11 @@ def test_saving_a_checkpoint_replaces_only_a_checkpoint(tiny_run, clf_runs, tmp_
     shutil.copytree(single / "best", extra)
     (extra / "README").write_text("mine")
     for target, fragment in ((folder, "already holds other files"), (afile, "is a file"), (run, "already holds other"),
-                             (extra, "already holds other files")):
+                             (extra, "already holds a classifier checkpoint; pass overwrite=True")):
         with pytest.raises(CharnnError, match=fragment):
             clf.save(target)
+    with pytest.raises(CharnnError, match="already holds other files"):
+        clf.save(extra, overwrite=True)
     assert (folder / "notes.txt").read_text() == "keep me" and (folder / "sub").is_dir()
     assert afile.read_text() == "keep me too"
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == run_files
@@ -503,7 +505,7 @@ def test_saving_a_checkpoint_replaces_only_a_checkpoint(tiny_run, clf_runs, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary copies left behind
     (tmp_path / "empty").mkdir()
     for target in (tmp_path / "empty", tmp_path / "new" / "model", tmp_path / "new" / "model"):  # the last: a rewrite
-        clf.save(target)
+        clf.save(target, overwrite=True)
         assert TextClassifier.load(target).predict(["xaby"]).tolist() == clf.predict(["xaby"]).tolist()
     # the trainer's own rewrite of RUN/last (a checkpoint directory) still works
     copy = tmp_path / "lm"
@@ -775,3 +777,59 @@ def test_settings_of_the_wrong_type_are_clear_errors(small_corpus, tmp_path, set
     with pytest.raises(CharnnError, match=message):
         train(tiny_config(small_corpus, tmp_path / "never", max_steps=2, **settings))
     assert not (tmp_path / "never").exists()
+
+
+def test_resume_finds_the_data_from_any_folder(small_corpus, clf_runs, tmp_path, monkeypatch):
+    """A run started on relative paths resumes from another folder: the run records them as absolute paths."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "c.txt").write_text(small_corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    (work / "d.tsv").write_text(Path(clf_runs[2]).read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.chdir(work)
+    assert run_cli("train", "c.txt", "--preset", "tiny", "--max-steps", 2, "--out", "lm").exit_code == 0
+    assert run_cli("classify", "train", "d.tsv", "--hidden", 8, "--max-steps", 2, "--out", "clf").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    for args in (("train", "--resume", work / "lm", "--max-steps", 3),
+                 ("classify", "train", "--resume", work / "clf", "--max-steps", 3)):
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "{corpus}", "--max-epochs", "inf"), "--max-epochs must be a positive (finite) number, got inf"),
+    (("classify", "train", "{data}", "--max-epochs", "inf"), "--max-epochs must be a positive (finite) number, got inf"),
+    (("train", "{corpus}", "--seed", 2**70), "--seed must be in [0, 2**63), got 1180591620717411303424"),
+    (("classify", "train", "{data}", "--seed", 2**70), "--seed must be in [0, 2**63), got"),
+    (("classify", "train", "{data}", "--log-every", 0), "--log-every must be at least 1, got 0"),
+    (("train", "{corpus}", "--hidden", 10**20), "--hidden must be in [1, 1,048,576], got 100000000000000000000"),
+    (("train", "{corpus}", "--hidden", 10**6), "does not fit in this machine's memory; lower --hidden or --layers"),
+    (("--threads", 100000, "info", "{corpus}"), "--threads must be between 1 and 1024, got 100000"),  # torch segfaulted
+    (("train", "{folder}", "--glob", ""), "--glob '' is not a usable pattern"),
+    (("train", "{folder}", "--glob", "/abs/*.txt"), "is not a usable pattern (Non-relative patterns are unsupported)"),
+    (("classify", "train", "{data}", "--min-char-count", 10**6), "no character occurs 1000000 times in the training texts"),
+])
+def test_out_of_range_settings_are_one_line_errors(small_corpus, clf_runs, tmp_path, args, message):
+    """Each of these was a traceback (OverflowError, ZeroDivisionError, a torch stack trace, a segfault...)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text\n" * 50)
+    values = {"{corpus}": small_corpus, "{data}": clf_runs[2], "{folder}": folder}
+    result = run_cli(*[values.get(a, a) for a in args], "--out", tmp_path / "run") if args[0] != "--threads" else \
+        run_cli(*[values.get(a, a) for a in args])
+    assert_clear_error(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_settings_out_of_range_are_charnn_errors(small_corpus):
+    from charnn import TextClassifier  # noqa: PLC0415
+
+    for make, message in ((lambda: TrainConfig(corpus=[123]), "corpus must be paths (str or pathlib.Path), got 123"),
+                          (lambda: train(TrainConfig(corpus=[str(small_corpus)], min_lr_ratio=-1, max_steps=1)),
+                           "min_lr_ratio must be in [0, 1], got -1"),
+                          (lambda: TextClassifier(min_lr_ratio=2).fit(["ab", "ba"], ["x", "y"]),
+                           "min_lr_ratio must be in [0, 1], got 2"),
+                          (lambda: TextClassifier().fit(["ab", "ba", "aa"], [None, "x", "y"]),
+                           "label 0 (counting from 0) is None; give every text a label")):
+        with pytest.raises(CharnnError) as e:
+            make()
+        assert str(e.value) == message

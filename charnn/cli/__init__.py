@@ -16,6 +16,9 @@ import click
 from ..errors import CharnnError, cli_wording
 
 
+MAX_THREADS = 1024
+
+
 class OneLineUsageError(click.UsageError):
     """A click usage error (unknown option, bad value, missing argument) shown like charnn's own errors:
     one ``error: ...`` line naming the problem and where the help is (click's own shows three lines and "Error:")."""
@@ -94,8 +97,8 @@ def main(threads):
     it as an autocomplete engine.
     """
     if threads is not None:
-        if threads < 1:
-            raise CharnnError(f"--threads must be at least 1, got {threads}")
+        if not 1 <= threads <= MAX_THREADS:  # torch crashes (a segmentation fault) on absurd counts
+            raise CharnnError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
         import torch  # noqa: PLC0415 (keeps `charnn --help` fast)
 
         torch.set_num_threads(threads)

@@ -168,16 +168,16 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
 
 def _read_inputs(texts: tuple[str, ...], file: str | None, encoding: str) -> list[str]:
     """Texts from the arguments, then the lines of --file; stdin lines when neither is given."""
-    from ..data import read_text
+    from ..data import read_stdin, read_text
 
     items = list(texts)
     if file:
-        lines = read_text(Path(file), encoding).splitlines() if file != "-" else sys.stdin.read().splitlines()
+        lines = read_text(Path(file), encoding).splitlines() if file != "-" else read_stdin(encoding).splitlines()
         items += [line for line in lines if line.strip()]
     elif not items:
         if sys.stdin.isatty():
             _echo("reading texts from standard input, one per line (Ctrl-D to end)")
-        items = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        items = [line for line in read_stdin(encoding).splitlines() if line.strip()]
     if not items:
         raise CharnnError("no texts to classify; pass them as arguments, with --file, or one per line on standard input")
     return items

@@ -71,14 +71,10 @@ def complete_cmd(checkpoint, k, mode, max_chars, last, device, as_json):
 
 
 def _read_stdin() -> str:
-    """Standard input as UTF-8 text; undecodable bytes are one error line (not a traceback under a UTF-8 locale,
-    nor raw bytes echoed into the JSON under the C locale's surrogateescape)."""
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CharnnError(f"standard input is not valid UTF-8 (byte {e.start}: {e.reason}); convert it first, "
-                          "e.g. iconv -f latin1 -t utf-8 notes.txt | charnn complete") from None
+    """Standard input as UTF-8 text; undecodable bytes are one error line."""
+    from ..data import read_stdin
+
+    return read_stdin("utf-8", "convert it first, e.g. iconv -f latin1 -t utf-8 notes.txt | charnn complete")
 
 
 def interactive(completer, *, k: int = 3, mode: str = "word", max_chars: int = 32, input=None, output=None) -> str:
