@@ -16,6 +16,7 @@ renamed into place, so a crash never leaves a half-written ``best`` or ``last``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -159,6 +160,9 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in (train_tensors or {}).items()}, str(tmp / TRAIN_TENSORS))
         _fsync_dir_files(tmp)
         _swap_into_place(tmp, target)
+    except SafetensorError as e:  # safetensors' own error for a failed write (a full disk, say)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(errno.EIO, f"cannot write {target}: {e}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

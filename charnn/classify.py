@@ -695,7 +695,7 @@ def plot_confusion_matrix(report: dict, output: str | Path) -> Path:
                             color="white" if rates[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    return save_figure(plt, fig, output)
+    return save_figure(plt, fig, output, "confusion.png")
 
 
 # -- configuration ------------------------------------------------------------------------------------------

@@ -82,15 +82,16 @@ def _save(plt, fig, run_dir: Path, output: str | Path | None) -> Path:
     return save_figure(plt, fig, Path(output) if output else run_dir / "curves.png")
 
 
-def save_figure(plt, fig, out: str | Path) -> Path:
+def save_figure(plt, fig, out: str | Path, example: str = "curves.png") -> Path:
     """Write ``fig`` as a PNG at ``out`` atomically (a temporary file beside it, then a rename) and close it.
 
     Missing parent directories are created, as ``charnn corpus build -o`` does; a directory as ``out``,
-    a parent that cannot be created and an unwritable place are a :class:`CharnnError`, with nothing written.
+    a parent that cannot be created and an unwritable place are a :class:`CharnnError`, with nothing written
+    (``example``: a file name the message suggests inside a directory given as ``out``).
     """
     out = Path(out)
     try:
-        check_output_file(out, "the PNG", f", e.g. {out / 'curves.png'}")
+        check_output_file(out, "the PNG", f", e.g. {out / example}")
         make_dirs(out.parent, "a PNG path")
         tmp = out.with_name(f".{out.name}.tmp.png")
         try:

@@ -833,3 +833,20 @@ def test_python_settings_out_of_range_are_charnn_errors(small_corpus):
         with pytest.raises(CharnnError) as e:
             make()
         assert str(e.value) == message
+
+
+@pytest.mark.parametrize("where", ["metrics", "weights"])
+def test_a_full_or_read_only_disk_is_a_one_line_error_that_frees_the_out(small_corpus, tmp_path, monkeypatch, where):
+    """A disk that refuses the run's files (full, read-only) was an OSError or SafetensorError traceback, and the
+    empty run folder it left made a retry with the same --out fail."""
+    from safetensors import SafetensorError
+
+    def refuse(*args, **kwargs):
+        if where == "metrics":
+            raise OSError(30, "Read-only file system")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(ckpt, "append_metrics" if where == "metrics" else "save_model", refuse)
+    result = run_cli("train", small_corpus, "-q", "--preset", "tiny", "--max-steps", 2, "--out", tmp_path / "run")
+    assert_clear_error(result, f"cannot write the run in {tmp_path / 'run'} (")
+    assert "free some space or choose another --out" in result.output and not (tmp_path / "run").exists()

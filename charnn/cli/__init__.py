@@ -68,7 +68,7 @@ def refuse_to_replace(path: str | None, force: bool, option: str) -> None:
     """An existing file at ``path`` (an output option's value) is an error unless ``--force`` was given."""
     from pathlib import Path  # noqa: PLC0415
 
-    if path and not force and Path(path).exists() and not Path(path).is_dir():  # a folder: the writer says so
+    if path and not force and Path(path).is_file():  # a folder or a device: the writer says what to give instead
         raise CharnnError(f"{path} already exists; pass --force to replace it, or choose another {option}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import sys
@@ -62,13 +63,25 @@ def refuse_on_resume(allowed) -> None:
                           "drop them, or start a new run")
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}  # the disk's fault
+
+
 def fit_or_exit(trainer, command: str, as_json: bool = False):
     """``trainer.fit()``; after Ctrl-C/SIGTERM print the checkpoint and the resume command (with ``as_json``
     also one JSON object on stdout, so a script reading it learns the same), then exit."""
+    from .. import checkpoint as ckpt
     from ..training import TrainingInterrupted
 
     try:
         result = trainer.fit()
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        run_dir = getattr(trainer, "run_dir", None)
+        if run_dir:
+            ckpt.discard_run_without_checkpoint(run_dir)  # a retry with the same --out is not refused
+        raise CharnnError(f"cannot write the run in {run_dir} ({e.strerror or e}); free some space or choose "
+                          "another --out (checkpoints written before are kept)") from None
     except TrainingInterrupted as e:
         resume = f"{command} --resume {e.run_dir}"
         _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.checkpoint}")
