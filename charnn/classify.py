@@ -343,9 +343,10 @@ def check_texts(texts) -> list[str]:
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise InvalidInput(f"text {i} is a {type(t).__name__}, not a string; a text classifier reads strings")
+            raise InvalidInput(f"text {i} (counting from 0) is {t!r:.40}, not a string; a text classifier reads "
+                               "strings")
         if not t:
-            raise InvalidInput(f"text {i} is empty; every text needs at least one character")
+            raise InvalidInput(f"text {i} (counting from 0) is empty; every text needs at least one character")
     return texts
 
 

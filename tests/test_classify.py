@@ -767,8 +767,10 @@ def test_a_single_class_is_refused(tmp_path):
 
 
 def test_empty_texts_are_refused():
-    with pytest.raises(CharnnError, match="text 1 is empty"):
+    with pytest.raises(CharnnError, match="text 1 .counting from 0. is empty"):
         TextClassifier(**FAST).fit(["abc", ""], ["a", "b"])
+    with pytest.raises(CharnnError, match=r"^text 2 \(counting from 0\) is None, not a string"):
+        TextClassifier(**FAST).fit(["abc", "abd", None], ["a", "b", "a"])
 
 
 def test_labels_unseen_in_training_are_refused_at_eval(cli_run, order_data, tmp_path):
