@@ -49,7 +49,7 @@ from . import checkpoint as ckpt
 from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
-from .errors import CharnnError, check_settings, make_dirs, setting
+from .errors import CharnnError, check_settings, make_dirs, off_value, setting
 from .model import (CELLS, CharRNN, Dropout, ModelConfig, fits_in_memory, init_recurrent, run_layers,
                     run_recurrent)
 from .probe import fit_count as probe_fit_count, fit_probe
@@ -823,7 +823,8 @@ class ClassifyConfig:
             (self.time_budget is None or self.time_budget > 0, "time_budget", "must be positive"),
             (self.max_epochs or self.max_steps or self.time_budget, None,
              f"give a budget: {setting('max_epochs')}, {setting('max_steps')} or {setting('time_budget')}"),
-            (self.patience is None or self.patience >= 1, "patience", f"must be at least 1, got {self.patience}"),
+            (self.patience is None or self.patience >= 1, "patience",
+             f"must be at least 1 ({off_value('0')} turns early stopping off), got {self.patience}"),
             (self.ensemble >= 1, "ensemble", f"must be at least 1 (1: a single classifier), got {self.ensemble}"),
             (not isinstance(self.init_from, list) or self.ensemble >= len(self.init_from), "ensemble",
              f"must be at least the number of language models ({len(self.init_from or ())}, one member from each), "

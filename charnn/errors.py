@@ -31,6 +31,12 @@ def setting(name: str, value=_NO_VALUE) -> str:
     return name if value is _NO_VALUE else f"{name}={value!r}"
 
 
+def off_value(cli: str, python: str = "None") -> str:
+    """The value that switches a setting off, as the caller writes it: ``cli`` on the command line (``"0"``),
+    ``python`` from the Python API."""
+    return cli if _CLI_WORDING.get() else python
+
+
 def check_settings(checks) -> None:
     """Raise a :class:`CharnnError` for the first failed ``(ok, name, problem)`` check: "<setting name> <problem>",
     or the problem alone where ``name`` is None."""

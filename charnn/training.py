@@ -29,7 +29,7 @@ from .budget import BudgetBar, BudgetClock
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
 from .distributed import DistContext, init_from_env, shutdown
-from .errors import CharnnError, check_settings, is_integer, is_number, make_dirs, setting
+from .errors import CharnnError, check_settings, is_integer, is_number, make_dirs, off_value, setting
 from .model import CharRNN, ModelConfig, bits_per_char, fits_in_memory, sequence_loss
 from .presets import recommend
 from .vocab import UNK_ID
@@ -211,7 +211,8 @@ def _validate(cfg: TrainConfig) -> None:
         (0 <= cfg.seed < SEED_LIMIT, "seed", f"must be in [0, 2**63), got {cfg.seed}"),
         (0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {cfg.min_lr_ratio}"),
         (cfg.time_budget is None or cfg.time_budget > 0, "time_budget", f"must be positive, got {cfg.time_budget}"),
-        (cfg.patience is None or cfg.patience >= 1, "patience", f"must be at least 1, got {cfg.patience}"),
+        (cfg.patience is None or cfg.patience >= 1, "patience",
+         f"must be at least 1 ({off_value('0')} turns early stopping off), got {cfg.patience}"),
         (cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", f"must be at least 1, got {cfg.eval_every}"),
         (0 <= cfg.average_last < 1, "average_last", f"must be in [0, 1), got {cfg.average_last}"),
         (cfg.weight_decay_ramp is None or (len(cfg.weight_decay_ramp) == 2 and 0 <= cfg.weight_decay_ramp[0]

@@ -1038,3 +1038,13 @@ def test_predict_reads_stdin_in_its_encoding(cli_run):
     for args in (["--encoding", "latin-1"], ["--encoding", "latin-1", "--file", "-"]):
         good = CliRunner().invoke(main, ["classify", "predict", str(run), "--json", *args], input=b"xab\xe9y\n")
         assert good.exit_code == 0 and json.loads(good.output)["predictions"][0]["text"] == "xab\u00e9y", good.output
+
+
+def test_train_json_implies_quiet(order_data, tmp_path):
+    """As charnn train --json: the JSON object alone, no description or progress bar on the terminal."""
+    (texts, labels), _ = order_data
+    data = write_tsv(tmp_path / "d.tsv", texts[:60], labels[:60])
+    result = CliRunner().invoke(main, ["classify", "train", str(data), "--hidden", "8", "--max-steps", "2", "--json",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)["run_dir"] == str(tmp_path / "run")

@@ -807,6 +807,7 @@ def test_resume_finds_the_data_from_any_folder(small_corpus, clf_runs, tmp_path,
     (("train", "{folder}", "--glob", ""), "--glob '' is not a usable pattern"),
     (("train", "{folder}", "--glob", "/abs/*.txt"), "is not a usable pattern (Non-relative patterns are unsupported)"),
     (("classify", "train", "{data}", "--min-char-count", 10**6), "no character occurs 1000000 times in the training texts"),
+    (("train", "{corpus}", "--patience", -1), "--patience must be at least 1 (0 turns early stopping off), got -1"),
 ])
 def test_out_of_range_settings_are_one_line_errors(small_corpus, clf_runs, tmp_path, args, message):
     """Each of these was a traceback (OverflowError, ZeroDivisionError, a torch stack trace, a segfault...)."""
@@ -829,7 +830,9 @@ def test_python_settings_out_of_range_are_charnn_errors(small_corpus):
                           (lambda: TextClassifier(min_lr_ratio=2).fit(["ab", "ba"], ["x", "y"]),
                            "min_lr_ratio must be in [0, 1], got 2"),
                           (lambda: TextClassifier().fit(["ab", "ba", "aa"], [None, "x", "y"]),
-                           "label 0 (counting from 0) is None; give every text a label")):
+                           "label 0 (counting from 0) is None; give every text a label"),
+                          (lambda: TextClassifier(patience=0).fit(["ab", "ba"], ["x", "y"]),
+                           "patience must be at least 1 (None turns early stopping off), got 0")):
         with pytest.raises(CharnnError) as e:
             make()
         assert str(e.value) == message

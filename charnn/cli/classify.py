@@ -111,7 +111,7 @@ def _data_options(f):
 @click.option("--resume", type=click.Path(), help="Continue the run in this directory exactly where it stopped.")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Write metrics every N steps.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object (implies --quiet).")
 def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_text, max_chars, patience, resume, quiet,
               as_json, **opts):
     """Train a classifier on DATA: CSV, TSV or JSONL (columns by name), or a folder of per-label subfolders.
@@ -123,6 +123,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     from ..budget import check_resumable
     from ..classify import RESUME_OVERRIDES, ClassifierTrainer, ClassifyConfig, EnsembleTrainer
 
+    quiet = quiet or as_json  # as charnn train: a script reading the JSON wants no progress on the terminal either
     opts.update(time_budget=parse_duration(time_text), max_chars=max_chars or None, patience=patience or None,
                 quiet=quiet)
     log = (lambda m: None) if quiet else _echo
