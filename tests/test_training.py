@@ -853,3 +853,14 @@ def test_a_full_or_read_only_disk_is_a_one_line_error_that_frees_the_out(small_c
     result = run_cli("train", small_corpus, "-q", "--preset", "tiny", "--max-steps", 2, "--out", tmp_path / "run")
     assert_clear_error(result, f"cannot write the run in {tmp_path / 'run'} (")
     assert "free some space or choose another --out" in result.output and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (a device that is always full)")
+def test_a_full_stdout_is_a_one_line_error(tiny_run):
+    """charnn info --json > /dev/full was an OSError traceback."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "charnn", "info", str(tiny_run), "--json"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == ("error: cannot write the output (No space left on device); free some space or write "
+                             "somewhere else\n")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import sys
 
 import click
@@ -17,6 +19,12 @@ from ..errors import CharnnError, cli_wording
 
 
 MAX_THREADS = 1024
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}  # the disk's fault
+
+
+def _silence_stdout() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class OneLineUsageError(click.UsageError):
@@ -60,6 +68,13 @@ class CharnnGroup(click.Group):
         except CharnnError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # a full disk or a full stdout (> /dev/full) is the machine's problem, not a bug
+            if e.errno not in WRITE_ERRORS:
+                raise
+            _silence_stdout()  # the interpreter's own flush at exit would fail (and print) again
+            where = e.filename or "the output"
+            click.echo(f"error: cannot write {where} ({e.strerror}); free some space or write somewhere else", err=True)
+            sys.exit(CharnnError.exit_code)
         except click.UsageError as e:
             raise _one_line(e) from None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import sys
@@ -11,7 +10,7 @@ from dataclasses import asdict
 import click
 
 from ..errors import CharnnError
-from . import main, refuse_to_replace, reports_interruption
+from . import WRITE_ERRORS, main, refuse_to_replace, reports_interruption
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$", re.IGNORECASE)
 
@@ -61,9 +60,6 @@ def refuse_on_resume(allowed) -> None:
         takes = ", ".join(next(p.opts[0] for p in ctx.command.params if p.name == n) for n in allowed if n != "resume")
         raise CharnnError(f"{', '.join(fixed)}: a resumed run keeps its own settings (it takes only {takes}); "
                           "drop them, or start a new run")
-
-
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}  # the disk's fault
 
 
 def fit_or_exit(trainer, command: str, as_json: bool = False):
