@@ -11,6 +11,7 @@ checkpoint first).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import signal
@@ -187,6 +188,15 @@ class TrainResult:
 
 
 SEED_LIMIT = 2**63  # torch's seeds are 64-bit integers
+
+
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """A short hash of the encoded training and validation text, so --resume can tell a changed corpus."""
+    h = hashlib.sha256()
+    for ids in (corpus.train, corpus.val):
+        h.update(memoryview(np.ascontiguousarray(ids)).cast("B"))
+        h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 # -- setup helpers ------------------------------------------------------------------------------
@@ -411,6 +421,12 @@ class Trainer(BudgetClock):
         )
         if not resume_from:  # --resume and eval-complete read the corpus again, from wherever they are run
             self.cfg.corpus = [os.path.abspath(p) for p in self.cfg.corpus]
+        self.corpus_fingerprint = corpus_fingerprint(self.corpus)
+        if resume_from and resume_from.train_state.get("corpus_fingerprint", self.corpus_fingerprint) != \
+                self.corpus_fingerprint:  # runs from before the fingerprint resume as they did
+            raise CharnnError(f"the corpus changed since {self.run_dir} started ({', '.join(self.cfg.corpus)}); "
+                              "resuming needs the same text: restore it, or start a new run on the new text "
+                              f"with {setting('init_from', str(self.run_dir))}")
         self.model_config = self._model_config(resume_from or init, fine_tuning=init is not None)
         for name in MODEL_FIELDS:  # the run's settings say what it really used (fine-tuning keeps the architecture)
             setattr(self.cfg, name, getattr(self.model_config, name))
@@ -664,7 +680,7 @@ class Trainer(BudgetClock):
                 "bad_evals": self.bad_evals, "elapsed": self._elapsed(),
                 "global_streams": self.batcher.n_streams, "world_size": self.world_size,
                 "averaged_steps": self.average.count, "weight_decay_decided": self.decay_decided,
-                "planned_epochs": self.planned_epochs,
+                "planned_epochs": self.planned_epochs, "corpus_fingerprint": self.corpus_fingerprint,
             }
             tensors.update(gathered)
             tensors.update(self.average.state_tensors())

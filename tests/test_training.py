@@ -864,3 +864,14 @@ def test_a_full_stdout_is_a_one_line_error(tiny_run):
     assert result.returncode == 2
     assert result.stderr == ("error: cannot write the output (No space left on device); free some space or write "
                              "somewhere else\n")
+
+
+def test_resume_refuses_a_corpus_that_changed(small_corpus, tmp_path):
+    """--resume continued silently on a corpus file that had been replaced since the run started."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(small_corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    assert run_cli("train", corpus, "-q", "--preset", "tiny", "--max-steps", 2, "--out", tmp_path / "run").exit_code == 0
+    assert run_cli("train", "--resume", tmp_path / "run", "-q", "--max-steps", 3).exit_code == 0  # unchanged: fine
+    corpus.write_text(small_corpus.read_text(encoding="utf-8").replace("the", "teh"), encoding="utf-8")
+    assert_clear_error(run_cli("train", "--resume", tmp_path / "run", "-q", "--max-steps", 4),
+                       f"the corpus changed since {tmp_path / 'run'} started")
