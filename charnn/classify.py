@@ -1361,7 +1361,7 @@ class EnsembleTrainer:
         if resuming:
             self._load_finished()
         else:
-            _check_one_vocabulary(cfg.init_from)
+            _check_compatible_language_models(cfg.init_from)
         self.current = self._member(min(len(self.nets), cfg.ensemble - 1))  # all finished: the last, for its settings
         self.vocab, self.classes = self.current.vocab, self.current.classes
         self.device, self.precision = self.current.device, self.current.precision
@@ -1469,20 +1469,28 @@ class EnsembleTrainer:
         return config
 
 
-def _check_one_vocabulary(init_from) -> None:
-    """Several language models (one per ensemble member) must share one vocabulary: the ensemble reads each text
-    once, with one vocabulary, for all its members."""
+def _check_compatible_language_models(init_from) -> None:
+    """Several language models (one per ensemble member) must share one vocabulary and one architecture: the
+    ensemble reads each text once, with one vocabulary, and its checkpoint describes every member with one
+    encoder configuration (dropout may differ: it is off when predicting)."""
     if not isinstance(init_from, list):
         return
     from .lm import load_language_model
 
-    first = load_language_model(init_from[0], device="cpu")[1]
+    def shape(model) -> dict:
+        return {k: v for k, v in model.config.to_dict().items() if k not in ("dropout", "embed_dropout", "weight_drop")}
+
+    first_model, first = load_language_model(init_from[0], device="cpu")
     for path in init_from[1:]:
-        other = load_language_model(path, device="cpu")[1]
+        model, other = load_language_model(path, device="cpu")
         if other.vocab.chars != first.vocab.chars:
             raise CharnnError(f"the language models {first.path} and {other.path} have different vocabularies, and an "
                               f"ensemble reads its texts with one; give {setting('init_from')} models trained on the "
                               "same corpus")
+        differ = [f"{k} {shape(first_model)[k]} vs {v}" for k, v in shape(model).items() if shape(first_model)[k] != v]
+        if differ:
+            raise CharnnError(f"the language models {first.path} and {other.path} differ in architecture "
+                              f"({', '.join(differ)}); give {setting('init_from')} models of one architecture")
 
 
 def _resumed_settings(run_dir, source: ckpt.Checkpoint, overrides: dict | None, data: tuple | None):

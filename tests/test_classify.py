@@ -340,7 +340,8 @@ def test_an_ensemble_fine_tunes_each_member_from_its_own_language_model(tiny_run
     assert info.exit_code == 0 and f"language models: {tiny_run / 'best'}, {second_lm / 'best'}" in info.output
 
 
-def test_several_language_models_need_one_vocabulary_and_a_member_each(tiny_run, second_lm, order_data, tmp_path):
+def test_several_language_models_need_one_vocabulary_and_a_member_each(tiny_run, second_lm, order_data, small_corpus,
+                                                                          tmp_path):
     from charnn import TrainConfig, train
 
     (texts, labels), _ = order_data
@@ -350,6 +351,10 @@ def test_several_language_models_need_one_vocabulary_and_a_member_each(tiny_run,
     train(TrainConfig(corpus=[str(other)], preset="tiny", max_steps=1, out=str(other_lm), quiet=True))
     with pytest.raises(CharnnError, match="have different vocabularies, and an ensemble reads its texts with one"):
         TextClassifier(**FAST, init_from=[tiny_run, other_lm]).fit(texts[:40], labels[:40])
+    wider = tmp_path / "wider-lm"  # same corpus, so the same vocabulary, but another size: one checkpoint cannot hold both
+    train(TrainConfig(corpus=[str(small_corpus)], preset="tiny", hidden=24, max_steps=1, out=str(wider), quiet=True))
+    with pytest.raises(CharnnError, match=r"differ in architecture \(hidden \d+ vs 24\); give init_from models of one"):
+        TextClassifier(**FAST, init_from=[tiny_run, wider]).fit(texts[:40], labels[:40])
     with pytest.raises(CharnnError, match=r"^ensemble must be at least the number of language models \(3, one member "):
         TextClassifier(**FAST, init_from=[tiny_run, second_lm, tiny_run], ensemble=2).fit(texts[:40], labels[:40])
     assert ClassifyConfig(init_from=[tiny_run]).init_from == str(tiny_run)  # a list of one is that model
@@ -1048,3 +1053,4 @@ def test_train_json_implies_quiet(order_data, tmp_path):
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == 0 and result.stderr == "", result.stderr
     assert json.loads(result.stdout)["run_dir"] == str(tmp_path / "run")
+
