@@ -325,6 +325,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+@contextlib.contextmanager
+def restoring(source: "Checkpoint"):
+    """Inside the block, a training state with missing or mistyped entries (a damaged or hand-edited
+    ``train_state.json``) is a CharnnError naming the file, not a KeyError traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as e:
+        raise CharnnError(f"{source.path / TRAIN_JSON} is damaged ({type(e).__name__}: {e}); this run cannot resume, "
+                          "but its best model can start a new one (--init-from)") from None
+
+
 def load_checkpoint(path: str | Path | None = None, *, which: str = "best", with_train_state: bool = False) -> Checkpoint:
     """Read a checkpoint's config and vocabulary (weights are loaded by ``Checkpoint.load_weights``)."""
     directory = resolve_checkpoint(path, which)

@@ -987,7 +987,8 @@ class ClassifierTrainer(BudgetClock):
         self.best_state: dict[str, torch.Tensor] | None = None
         if resume_from:
             self.run_dir = Path(resume_from.path.parent)
-            self._restore(resume_from)
+            with ckpt.restoring(resume_from):
+                self._restore(resume_from)
         else:
             out = run_dir or cfg.out
             self.run_dir = ckpt.new_run_dir(out, "classify") if out else None

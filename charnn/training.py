@@ -464,7 +464,8 @@ class Trainer(BudgetClock):
         self.hidden = None
         self.average = WeightAverage(self.model)
         if resume_from:
-            self._restore(resume_from)
+            with ckpt.restoring(resume_from):
+                self._restore(resume_from)
 
     def _agree_on_run_dir(self) -> Path:
         """Rank 0 picks (and checks) the run directory; every process uses the same one."""

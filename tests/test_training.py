@@ -875,3 +875,16 @@ def test_resume_refuses_a_corpus_that_changed(small_corpus, tmp_path):
     corpus.write_text(small_corpus.read_text(encoding="utf-8").replace("the", "teh"), encoding="utf-8")
     assert_clear_error(run_cli("train", "--resume", tmp_path / "run", "-q", "--max-steps", 4),
                        f"the corpus changed since {tmp_path / 'run'} started")
+
+
+def test_resume_from_a_damaged_training_state_is_a_clear_error(tiny_run, clf_runs, tmp_path):
+    """A hand-edited train_state.json was a KeyError traceback."""
+    import shutil
+
+    for kind, run in (("train", tiny_run), ("classify", clf_runs[0])):
+        copy = tmp_path / kind
+        shutil.copytree(run, copy)
+        (copy / "last" / "train_state.json").write_text('{"step": "x"}')
+        args = ("train", "--resume", copy) if kind == "train" else ("classify", "train", "--resume", copy)
+        assert_clear_error(run_cli(*args, "-q", "--max-steps", 100),
+                           f"{copy / 'last' / 'train_state.json'} is damaged (KeyError: ")
