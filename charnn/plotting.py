@@ -92,6 +92,9 @@ def save_figure(plt, fig, out: str | Path, example: str = "curves.png") -> Path:
     out = Path(out)
     try:
         check_output_file(out, "the PNG", f", e.g. {out / example}")
+        if out.suffix and out.suffix.lower() != ".png":  # out.jpg held PNG bytes that viewers refused
+            raise CharnnError(f"{out}: charnn writes PNG images; give a file name ending in .png, e.g. "
+                              f"{out.with_suffix('.png')}")
         make_dirs(out.parent, "a PNG path")
         tmp = out.with_name(f".{out.name}.tmp.png")
         try:

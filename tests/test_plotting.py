@@ -47,7 +47,7 @@ def test_plot_under_a_file_is_a_one_line_error(tiny_run, tmp_path):
 
 
 def test_plot_keeps_an_existing_output_file_unless_forced(tiny_run, tmp_path):
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "old.png"
     notes.write_text("keep me", encoding="utf-8")
     result = plot(tiny_run, "-o", notes)
     assert result.exit_code == 2
@@ -65,3 +65,13 @@ def test_plot_never_replaces_a_pipe_or_device(tiny_run, tmp_path):
     assert result.exit_code == 2
     assert result.output == f"error: {fifo} is not a regular file (a device, pipe or socket); give a file name for the PNG\n"
     assert stat.S_ISFIFO(fifo.stat().st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_plot_refuses_a_name_that_promises_another_format(tiny_run, tmp_path):
+    """-o curves.jpg wrote PNG bytes under a .jpg name."""
+    result = plot(tiny_run, "-o", tmp_path / "curves.jpg")
+    assert result.exit_code == 2
+    assert result.output == (f"error: {tmp_path / 'curves.jpg'}: charnn writes PNG images; give a file name ending in "
+                             f".png, e.g. {tmp_path / 'curves.png'}\n")
+    assert not any(tmp_path.iterdir())
+    assert plot(tiny_run, "-o", tmp_path / "curves.PNG").exit_code == 0
