@@ -1459,7 +1459,7 @@ class EnsembleTrainer:
         config = self.current.config_dict()
         config["classifier"]["members"] = self.cfg.ensemble
         if isinstance(self.cfg.init_from, list):
-            config["classifier"]["init_from"] = [str(ckpt.load_checkpoint(m).path) for m in self.cfg.init_from]
+            config["classifier"]["init_from"] = [str(ckpt.resolve_checkpoint(m)) for m in self.cfg.init_from]
         config["training"] = {**config["training"], "member": 0}
         config["summary"] = {**config["summary"], "best": self.best, "last": self.best,
                              "step": self._total("steps"), "epoch": round(self._total("epochs"), 4),
@@ -1476,19 +1476,20 @@ def _check_compatible_language_models(init_from) -> None:
     encoder configuration (dropout may differ: it is off when predicting)."""
     if not isinstance(init_from, list):
         return
-    from .lm import load_language_model
+    from .lm import read_language_model
 
-    def shape(model) -> dict:
-        return {k: v for k, v in model.config.to_dict().items() if k not in ("dropout", "embed_dropout", "weight_drop")}
+    def shape(config: ModelConfig) -> dict:
+        return {k: v for k, v in config.to_dict().items() if k not in ("dropout", "embed_dropout", "weight_drop")}
 
-    first_model, first = load_language_model(init_from[0], device="cpu")
+    first_config, first = read_language_model(init_from[0])
+    first_shape = shape(first_config)
     for path in init_from[1:]:
-        model, other = load_language_model(path, device="cpu")
+        config, other = read_language_model(path)
         if other.vocab.chars != first.vocab.chars:
             raise CharnnError(f"the language models {first.path} and {other.path} have different vocabularies, and an "
                               f"ensemble reads its texts with one; give {setting('init_from')} models trained on the "
                               "same corpus")
-        differ = [f"{k} {shape(first_model)[k]} vs {v}" for k, v in shape(model).items() if shape(first_model)[k] != v]
+        differ = [f"{k} {first_shape[k]} vs {v}" for k, v in shape(config).items() if first_shape[k] != v]
         if differ:
             raise CharnnError(f"the language models {first.path} and {other.path} differ in architecture "
                               f"({', '.join(differ)}); give {setting('init_from')} models of one architecture")

@@ -65,30 +65,31 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
         raise CharnnError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
     if b"\x00" in data[:BINARY_SNIFF_BYTES] and not encoding.lower().replace("-", "").startswith("utf16"):
         raise CharnnError(f"{path} looks like a binary file (it contains NUL bytes); pass text files only")
+    text = decode_text(data, encoding, str(path))
+    return text[1:] if text.startswith("\ufeff") and codecs.lookup(encoding).name == "utf-8" else text
+
+
+def decode_text(data: bytes, encoding: str, source: str, fix: str = "") -> str:
+    """``data`` (read from ``source``) decoded with ``encoding``; an unknown encoding or undecodable bytes are a
+    CharnnError whose fix is ``fix`` (default: name the encoding)."""
     try:
-        text = data.decode(encoding)
-        return text[1:] if text.startswith("\ufeff") and codecs.lookup(encoding).name == "utf-8" else text
+        return data.decode(encoding)
     except LookupError as e:
-        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid {setting('encoding')} such as utf-8 or latin-1") from e
+        raise unknown_encoding(encoding) from e
     except UnicodeDecodeError as e:
-        raise CharnnError(
-            f"{path} is not valid {encoding} (byte {e.start}: {e.reason}); "
-            f"pass its encoding with {setting('encoding')}, e.g. {setting('encoding', 'latin-1')}"
-        ) from e
+        fix = fix or f"pass its encoding with {setting('encoding')}, e.g. {setting('encoding', 'latin-1')}"
+        raise CharnnError(f"{source} is not valid {encoding} (byte {e.start}: {e.reason}); {fix}") from e
+
+
+def unknown_encoding(encoding: str) -> CharnnError:
+    return CharnnError(f"unknown encoding {encoding!r}; pass a valid {setting('encoding')} such as utf-8 or latin-1")
 
 
 def read_stdin(encoding: str = "utf-8", fix: str = "") -> str:
     """Standard input decoded with ``encoding``; undecodable bytes are a CharnnError (not a traceback under a UTF-8
     locale, nor raw bytes passed on under the C locale's surrogateescape) whose fix is ``fix`` (default: name the
     encoding)."""
-    data = sys.stdin.buffer.read()
-    try:
-        return data.decode(encoding)
-    except LookupError as e:
-        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid {setting('encoding')} such as utf-8 or latin-1") from e
-    except UnicodeDecodeError as e:
-        fix = fix or f"pass its encoding with {setting('encoding')}, e.g. {setting('encoding', 'latin-1')}"
-        raise CharnnError(f"standard input is not valid {encoding} (byte {e.start}: {e.reason}); {fix}") from None
+    return decode_text(sys.stdin.buffer.read(), encoding, "standard input", fix)
 
 
 def read_corpus_text(paths: Sequence[str | Path], glob: str = "**/*", encoding: str = "utf-8") -> str:

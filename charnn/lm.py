@@ -35,6 +35,15 @@ def load_language_model(path: str | Path | None = None, *, which: str = "best", 
     Returns ``(model, checkpoint)``, the model in eval mode on ``device``.
     """
     device = pick_device(str(device)) if not isinstance(device, torch.device) else device
+    config, ck = read_language_model(path, which=which)
+    model = CharRNN(config)
+    ck.load_weights(model)
+    return model.to(device).eval(), ck
+
+
+def read_language_model(path: str | Path | None = None, *, which: str = "best") -> tuple[ModelConfig, ckpt.Checkpoint]:
+    """A language model's settings and checkpoint (config and vocabulary, no weights), checked as
+    :func:`load_language_model` checks them."""
     ck = ckpt.load_checkpoint(path, which=which)
     if ck.kind != "language-model":
         raise CharnnError(f"{ck.path} is a {ck.kind} checkpoint, not a language model; pass a run made by charnn train")
@@ -44,9 +53,7 @@ def load_language_model(path: str | Path | None = None, *, which: str = "best", 
         raise CharnnError(f"{ck.path / ckpt.CONFIG} is damaged (model settings: {e}); use another checkpoint") from e
     if config.vocab_size != len(ck.vocab):
         raise CharnnError(f"{ck.path}: the vocabulary ({len(ck.vocab)}) does not match the model ({config.vocab_size}); the checkpoint is damaged")
-    model = CharRNN(config)
-    ck.load_weights(model)
-    return model.to(device).eval(), ck
+    return config, ck
 
 
 # -- the inference API: charnn.load(...) -------------------------------------------------------------

@@ -86,10 +86,12 @@ def _utf8_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
 
 
 def _decoded_chunks(path: Path, encoding: str, chunk_bytes: int) -> Iterator[Chunk]:
+    from .data import unknown_encoding  # noqa: PLC0415 (data imports this module)
+
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError as e:
-        raise CharnnError(f"unknown encoding {encoding!r}; pass a valid {setting('encoding')} such as utf-8 or latin-1") from e
+        raise unknown_encoding(encoding) from e
     offset = 0
     with open(path, "rb") as f:
         while True:
