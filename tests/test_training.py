@@ -440,7 +440,10 @@ def test_threads_option_sets_torch_threads(tiny_run):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert_clear_error(run_cli("--threads", 0, "info", tiny_run), "--threads must be between 1 and 1024, got 0")
+    assert_clear_error(run_cli("--threads", 0, "info", tiny_run), "--threads must be a whole number between 1 and 1024, got '0'")
+    for value in ("abc", "0", "-2"):  # the environment variable is named as the source of the mistake, not --threads
+        result = CliRunner().invoke(main, ["info", str(tiny_run)], env={"CHARNN_THREADS": value})
+        assert_clear_error(result, f"CHARNN_THREADS must be a whole number between 1 and 1024, got '{value}'")
 
 
 def test_train_json_prints_one_object(small_corpus, tmp_path):
@@ -803,7 +806,7 @@ def test_resume_finds_the_data_from_any_folder(small_corpus, clf_runs, tmp_path,
     (("classify", "train", "{data}", "--log-every", 0), "--log-every must be at least 1, got 0"),
     (("train", "{corpus}", "--hidden", 10**20), "--hidden must be in [1, 1,048,576], got 100000000000000000000"),
     (("train", "{corpus}", "--hidden", 10**6), "does not fit in this machine's memory; lower --hidden or --layers"),
-    (("--threads", 100000, "info", "{corpus}"), "--threads must be between 1 and 1024, got 100000"),  # torch segfaulted
+    (("--threads", 100000, "info", "{corpus}"), "--threads must be a whole number between 1 and 1024, got '100000'"),  # torch segfaulted
     (("train", "{folder}", "--glob", ""), "--glob '' is not a usable pattern"),
     (("train", "{folder}", "--glob", "/abs/*.txt"), "is not a usable pattern (Non-relative patterns are unsupported)"),
     (("classify", "train", "{data}", "--min-char-count", 10**6), "no character occurs 1000000 times in the training texts"),

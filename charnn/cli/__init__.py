@@ -102,21 +102,30 @@ def reports_interruption(as_json: bool, **fields):
 
 @click.group(cls=CharnnGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="charnn")
-@click.option("--threads", type=int, envvar="CHARNN_THREADS",
-              help="CPU threads for PyTorch (default: one per core). Use 1 per process when several "
-                   "charnn jobs share a machine: oversubscribed cores slow training many times over.")
-def main(threads):
+@click.option("--threads", metavar="INTEGER", envvar="CHARNN_THREADS",
+              help="CPU threads for PyTorch (default: one per core; or set CHARNN_THREADS). Use 1 per process when "
+                   "several charnn jobs share a machine: oversubscribed cores slow training many times over.")
+@click.pass_context
+def main(ctx, threads):
     """charnn: character-level recurrent neural networks.
 
     Train a model on your text, sample from it, classify text with it, or use
     it as an autocomplete engine.
     """
     if threads is not None:
-        if not 1 <= threads <= MAX_THREADS:  # torch crashes (a segmentation fault) on absurd counts
-            raise CharnnError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}")
+        from_env = ctx.get_parameter_source("threads") is click.core.ParameterSource.ENVIRONMENT
+        count = thread_count(threads, "CHARNN_THREADS" if from_env else "--threads")
         import torch  # noqa: PLC0415 (keeps `charnn --help` fast)
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(count)
+
+
+def thread_count(text: str, name: str) -> int:
+    """``text`` (the --threads value or CHARNN_THREADS, named ``name``) as a usable PyTorch thread count."""
+    count = int(text) if text.strip().isdigit() else None
+    if count is None or not 1 <= count <= MAX_THREADS:  # torch crashes (a segmentation fault) on absurd counts
+        raise CharnnError(f"{name} must be a whole number between 1 and {MAX_THREADS}, got {text!r}")
+    return count
 
 
 # Each module registers its commands on ``main`` when imported.
