@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .errors import CharnnError, is_number, make_dirs, setting
+from .errors import CharnnError, check_creatable, is_number, make_dirs, setting
 from .vocab import Vocabulary
 
 FORMAT = "charnn-checkpoint"
@@ -61,6 +61,7 @@ def new_run_dir(out: str | Path | None, stem: str) -> Path:
                 raise CharnnError(f"{run_dir} already holds a {kind} run; resume it with {RESUME_COMMANDS[kind]} "
                                   f"--resume {run_dir}, or choose another {setting('out')}")
             raise CharnnError(f"{run_dir} already holds files; choose another {setting('out')} (a new or empty directory)")
+        check_creatable(run_dir, f"the run directory ({setting('out')})")  # before any line describes the run
         return run_dir
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, n = DEFAULT_ROOT / f"{stem}-{stamp}", 1

@@ -49,11 +49,11 @@ from . import checkpoint as ckpt
 from .budget import BudgetBar, BudgetClock
 from .data import read_text
 from .devices import autocast, pick_device, pick_precision
-from .errors import CharnnError, check_settings, make_dirs, off_value, setting
+from .errors import SEED_LIMIT, CharnnError, check_settings, make_dirs, off_value, setting
 from .model import (CELLS, CharRNN, Dropout, ModelConfig, fits_in_memory, init_recurrent, run_layers,
                     run_recurrent)
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, SEED_LIMIT, as_path,
+from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path,
                        as_path_list, caller_rng_kept, check_types, make_optimizer)
 from .vocab import Vocabulary, training_vocabulary
 

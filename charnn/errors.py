@@ -4,6 +4,7 @@ type checks of user settings, and the checks of an output file's path."""
 import contextlib
 import contextvars
 import numbers
+import os
 from pathlib import Path
 
 _CLI_WORDING = contextvars.ContextVar("charnn_cli_wording", default=False)
@@ -60,6 +61,9 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+SEED_LIMIT = 2**63  # torch's (and the samplers') seeds are 64-bit integers: a seed must be below this
+
+
 def is_number(value) -> bool:
     """A real number of any type (Python or numpy), but not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -82,6 +86,25 @@ def make_dirs(directory: Path, what: str) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file" if blocker else e.strerror or e
-        raise CharnnError(f"cannot create directory {directory} ({reason}); give {what} in a folder you can write") from None
+        raise CharnnError(_cannot_create(directory, _blocking_file(directory) or e.strerror or e, what)) from None
+
+
+def check_creatable(directory: Path, what: str) -> None:
+    """Refuse, before anything is written, a ``directory`` that :func:`make_dirs` could not create: a file stands
+    in its way, or the nearest existing folder above it cannot be written."""
+    reason = _blocking_file(directory)
+    if reason is None:
+        existing = next(p for p in (directory, *directory.parents) if p.exists())
+        if existing != directory and not os.access(existing, os.W_OK | os.X_OK):
+            reason = f"{existing} is not writable"
+    if reason:
+        raise CharnnError(_cannot_create(directory, reason, what))
+
+
+def _blocking_file(directory: Path) -> str | None:
+    blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    return f"{blocker} is a file" if blocker else None
+
+
+def _cannot_create(directory: Path, reason, what: str) -> str:
+    return f"cannot create directory {directory} ({reason}); give {what} in a folder you can write"

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .errors import CharnnError, check_settings, is_integer, is_number, setting
+from .errors import SEED_LIMIT, CharnnError, check_settings, is_integer, is_number, setting
 from .inference import Stepper, blas_threads
 from .native import PRECISIONS
 from .vocab import UNK_ID, Vocabulary
@@ -86,7 +86,7 @@ class SamplingOptions:
              f"must be in (0, 1], got {self.top_p!r}"),
             (is_integer(self.num_samples) and self.num_samples >= 1, "num_samples",
              f"must be at least 1, got {self.num_samples!r}"),
-            (self.random_seed is None or (is_integer(self.random_seed) and 0 <= self.random_seed < 2**63), "random_seed",
+            (self.random_seed is None or (is_integer(self.random_seed) and 0 <= self.random_seed < SEED_LIMIT), "random_seed",
              f"must be an integer in [0, 2**63), got {self.random_seed!r}"),
             (all(isinstance(s, str) and s for s in stop), "stop", "strings must be non-empty"),
             (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),

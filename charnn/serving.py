@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from .completion import MODES, Completer
-from .errors import CharnnError, setting
+from .errors import SEED_LIMIT, CharnnError, setting
 
 log = logging.getLogger("charnn.serve")
 
@@ -137,7 +137,7 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
         temperature: float = Field(1.0, ge=0, le=10, allow_inf_nan=False, description="0 is greedy; higher is wilder.")
         top_k: int | None = Field(None, ge=1, le=len(completer.vocab), description="Sample from the k likeliest.")
         top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling.")
-        random_seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text.")
+        random_seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="Same seed, same text.")
 
     class GenerateResponse(BaseModel):
         text: str

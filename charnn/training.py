@@ -30,7 +30,7 @@ from .budget import BudgetBar, BudgetClock
 from .data import Corpus, StreamBatcher, eval_streams, load_corpus
 from .devices import autocast, pick_precision
 from .distributed import DistContext, init_from_env, shutdown
-from .errors import CharnnError, check_settings, is_integer, is_number, make_dirs, off_value, setting
+from .errors import SEED_LIMIT, CharnnError, check_settings, is_integer, is_number, make_dirs, off_value, setting
 from .model import CharRNN, ModelConfig, bits_per_char, fits_in_memory, sequence_loss
 from .presets import recommend
 from .vocab import UNK_ID
@@ -185,9 +185,6 @@ class TrainResult:
     elapsed: float
     stop_reason: str
     weight_decay: float | None = None  # the decay used in the end (it can follow the planned epochs)
-
-
-SEED_LIMIT = 2**63  # torch's seeds are 64-bit integers
 
 
 def corpus_fingerprint(corpus: Corpus) -> str:

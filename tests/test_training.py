@@ -542,10 +542,9 @@ def test_out_under_a_file_is_a_one_line_error(small_corpus, clf_runs, tmp_path):
     data = clf_runs[2]
     for args in (("train", small_corpus), ("classify", "train", data)):
         result = run_cli(*args, "--out", blocker / "run", "--max-steps", 1)
-        assert result.exit_code == 2, result.output
-        assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
-        assert result.output.splitlines()[-1] == (f"error: cannot create directory {blocker / 'run'} ({blocker} is a file); "
-                                                  "give the run directory (--out) in a folder you can write")
+        assert isinstance(result.exception, SystemExit)
+        assert_clear_error(result, f"error: cannot create directory {blocker / 'run'} ({blocker} is a file); "
+                                   "give the run directory (--out) in a folder you can write")  # before any other line
     assert blocker.read_text() == "keep me"
 
 
