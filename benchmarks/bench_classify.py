@@ -187,7 +187,8 @@ def all_label_options(args, dataset: str, fine_tuned: bool) -> dict:
 def charnn_fit(fit_x, fit_y, val_x, val_y, test_x, args, *, name, budget, balance, init_from=None, **overrides):
     """charnn's classifier with the benchmark's settings (``overrides``: other TextClassifier parameters)."""
     epochs, patience = (args.max_epochs, args.patience) if budget is None else (args.budget_max_epochs, args.budget_patience)
-    params = dict(hidden=args.hidden, layers=1, embed_dim=64, max_epochs=epochs, patience=patience,
+    encoder = {} if init_from else dict(hidden=args.hidden, layers=1, embed_dim=64)  # fine-tuning: the LM's own
+    params = dict(**encoder, max_epochs=epochs, patience=patience,
                   max_chars=args.max_chars, batch_size=args.batch_size, lr=args.lr, balance=balance,
                   **(all_label_options(args, name, init_from is not None) if budget is None else {}),
                   init_from=init_from, seed=args.seed, device="cpu", quiet=True)

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 import signal
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -706,6 +707,9 @@ def _language_models(value) -> str | list[str] | None:
         return as_path(value)
     models = as_path_list(value, "init_from")
     return (models or [None])[0] if len(models) < 2 else models
+
+
+SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")  # not with init_from
 
 
 @dataclass
@@ -1638,10 +1642,21 @@ class TextClassifier(_Params):
     def config(self) -> ClassifyConfig:
         return ClassifyConfig(**self.get_params())
 
+    def _warn_about_ignored_settings(self, cfg: ClassifyConfig) -> None:
+        """Encoder settings changed from their defaults do nothing with ``init_from``: say so (the CLI refuses them)."""
+        defaults = ClassifyConfig()
+        ignored = [f"{name}={getattr(cfg, name)!r}" for name in SCRATCH_ONLY
+                   if cfg.init_from and getattr(cfg, name) != getattr(defaults, name)]
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} ignored: with init_from the encoder is the language model's (its "
+                          "cell, size, dropout and vocabulary); drop these settings or init_from", UserWarning,
+                          stacklevel=3)
+
     # -- training ----------------------------------------------------------------------------------------------
     def fit(self, X, y, *, val_texts=None, val_labels=None, on_log: Callable[[dict], None] | None = None):
         """Train on texts ``X`` with labels ``y``; validate on ``val_texts`` or a stratified split. Returns self."""
         cfg = self.config()
+        self._warn_about_ignored_settings(cfg)
         with caller_rng_kept():  # training seeds PyTorch from cfg.seed; the caller's own draws are left alone
             trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer)(
                 cfg, X, _as_labels(y), val_texts, None if val_labels is None else _as_labels(val_labels), on_log=on_log)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from charnn.model import ModelConfig
 
 # Small and quick: a 1x32 LSTM learns the order task in a few seconds.
 FAST = dict(hidden=32, embed_dim=16, lr=1e-2, batch_size=16, max_epochs=8, patience=3, device="cpu")
+TUNE = {k: v for k, v in FAST.items() if k not in ("hidden", "embed_dim")}  # fine-tuning takes the LM's sizes
 
 
 def order_task(n_pairs: int, seed: int) -> tuple[list[str], list[str]]:
@@ -245,7 +247,7 @@ def test_pooling_every_layer_needs_a_forward_stack():
 
 def test_newline_frame_and_every_layer_through_fit_save_load_and_the_cli(tiny_run, order_data, tmp_path):
     (texts, labels), (test_texts, _) = order_data
-    settings = {**FAST, "init_from": str(tiny_run), "newline_frame": True, "pool_layers": "all", "max_chars": 6,
+    settings = {**TUNE, "init_from": str(tiny_run), "newline_frame": True, "pool_layers": "all", "max_chars": 6,
                 "max_steps": 3, "freeze_encoder": False}
     trainer = ClassifierTrainer(ClassifyConfig(**settings), texts[:64], labels[:64])
     newline = trainer.vocab.index["\n"]
@@ -327,7 +329,7 @@ def test_an_ensemble_fine_tunes_each_member_from_its_own_language_model(tiny_run
     (texts, labels), _ = order_data
     models = [load_language_model(run)[0] for run in (tiny_run, second_lm)]
     assert not torch.equal(models[0].embed.weight, models[1].embed.weight)
-    clf = TextClassifier(**{**FAST, "max_epochs": 1, "freeze_encoder": True}, init_from=[tiny_run, str(second_lm)],
+    clf = TextClassifier(**{**TUNE, "max_epochs": 1, "freeze_encoder": True}, init_from=[tiny_run, str(second_lm)],
                          out=tmp_path / "run").fit(texts[:80], labels[:80])
     assert len(clf.result_.members) == 2  # one member per language model, without asking for an ensemble
     for member, lm in zip(clf.net_.members, models):  # a probe keeps each member's encoder its model's, exactly
@@ -350,13 +352,13 @@ def test_several_language_models_need_one_vocabulary_and_a_member_each(tiny_run,
     other_lm = tmp_path / "other-lm"
     train(TrainConfig(corpus=[str(other)], preset="tiny", max_steps=1, out=str(other_lm), quiet=True))
     with pytest.raises(CharnnError, match="have different vocabularies, and an ensemble reads its texts with one"):
-        TextClassifier(**FAST, init_from=[tiny_run, other_lm]).fit(texts[:40], labels[:40])
+        TextClassifier(**TUNE, init_from=[tiny_run, other_lm]).fit(texts[:40], labels[:40])
     wider = tmp_path / "wider-lm"  # same corpus, so the same vocabulary, but another size: one checkpoint cannot hold both
     train(TrainConfig(corpus=[str(small_corpus)], preset="tiny", hidden=24, max_steps=1, out=str(wider), quiet=True))
     with pytest.raises(CharnnError, match=r"differ in architecture \(hidden \d+ vs 24\); give init_from models of one"):
-        TextClassifier(**FAST, init_from=[tiny_run, wider]).fit(texts[:40], labels[:40])
+        TextClassifier(**TUNE, init_from=[tiny_run, wider]).fit(texts[:40], labels[:40])
     with pytest.raises(CharnnError, match=r"^ensemble must be at least the number of language models \(3, one member "):
-        TextClassifier(**FAST, init_from=[tiny_run, second_lm, tiny_run], ensemble=2).fit(texts[:40], labels[:40])
+        TextClassifier(**TUNE, init_from=[tiny_run, second_lm, tiny_run], ensemble=2).fit(texts[:40], labels[:40])
     assert ClassifyConfig(init_from=[tiny_run]).init_from == str(tiny_run)  # a list of one is that model
     assert ClassifyConfig(init_from=(tiny_run, second_lm), ensemble=4).ensemble == 4  # members take them in turn
     result = CliRunner().invoke(main, ["classify", "train", "--init-from", str(tiny_run), "--init-from", str(other_lm),
@@ -1014,9 +1016,24 @@ def test_pathlib_paths_for_out_and_init_from(tiny_run, tmp_path):
     texts, labels = order_task(20, 0)
     clf = TextClassifier(**{**FAST, "max_epochs": 1}, out=tmp_path / "run")
     assert clf.fit(texts, labels).run_dir_ == tmp_path / "run" and clf.get_params()["out"] == tmp_path / "run"
-    tuned = TextClassifier(**{**FAST, "max_epochs": 1}, init_from=Path(tiny_run)).fit(texts, labels)
+    tuned = TextClassifier(**{**TUNE, "max_epochs": 1}, init_from=Path(tiny_run)).fit(texts, labels)
     tuned.save(tmp_path / "saved")
     assert TextClassifier.load(tmp_path / "saved").init_from == str(tiny_run)
+
+
+def test_encoder_settings_ignored_by_fine_tuning_are_a_warning(tiny_run):
+    """From Python, hidden=32 with init_from trained the language model's own size without a word (the CLI refuses
+    --hidden with --init-from); the settings that differ from their defaults are named in a warning."""
+    texts, labels = order_task(20, 0)
+    with pytest.warns(UserWarning, match=r"^hidden=32, embed_dim=16 ignored: with init_from the encoder is the "
+                                         r"language model's") as caught:
+        clf = TextClassifier(**{**FAST, "max_epochs": 1}, init_from=tiny_run).fit(texts, labels)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    assert clf.checkpoint_config_["model"]["hidden"] != 32  # the language model's size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TextClassifier(**{**TUNE, "max_epochs": 1}, init_from=tiny_run).fit(texts, labels)  # defaults: no warning
+        TextClassifier(**{**FAST, "max_epochs": 1}).fit(texts, labels)  # from scratch they are used
 
 
 @pytest.mark.parametrize("params, message", [

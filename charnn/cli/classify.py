@@ -17,7 +17,6 @@ def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")  # not with --init-from
 
 
 @main.group("classify", cls=CharnnGroup)
@@ -121,7 +120,7 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
     the members train in RUN/member-1..N and RUN/best holds them all.
     """
     from ..budget import check_resumable
-    from ..classify import RESUME_OVERRIDES, ClassifierTrainer, ClassifyConfig, EnsembleTrainer
+    from ..classify import RESUME_OVERRIDES, SCRATCH_ONLY, ClassifierTrainer, ClassifyConfig, EnsembleTrainer
 
     quiet = quiet or as_json  # as charnn train: a script reading the JSON wants no progress on the terminal either
     opts.update(time_budget=parse_duration(time_text), max_chars=max_chars or None, patience=patience or None,
