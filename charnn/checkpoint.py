@@ -276,12 +276,14 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
-def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root: str | Path = DEFAULT_ROOT) -> Path:
-    """Turn a run directory, a checkpoint directory or None (latest run) into a checkpoint directory."""
+def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root: str | Path = DEFAULT_ROOT,
+                       kind: str | None = None) -> Path:
+    """Turn a run directory, a checkpoint directory or None (the latest run, of ``kind`` if given) into a
+    checkpoint directory."""
     if which not in ("best", "last"):
         raise CharnnError(f"which must be 'best' or 'last', got {which!r}")
     if path is None:
-        path = latest_run(root)
+        path = latest_run(root, kind)
     p = Path(path)
     if not p.exists():
         raise CharnnError(f"checkpoint {p} not found; pass a run directory or a checkpoint directory")
@@ -296,14 +298,17 @@ def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root
     )
 
 
-def latest_run(root: str | Path = DEFAULT_ROOT) -> Path:
-    """The most recently modified run directory under ``root``."""
+def latest_run(root: str | Path = DEFAULT_ROOT, kind: str | None = None) -> Path:
+    """The run directory under ``root`` with the newest checkpoint; with ``kind`` ("language-model",
+    "classifier"), the newest run of that kind (sampling must not pick up a classifier trained since)."""
     root = Path(root)
     runs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")] if root.is_dir() else []
     stamps = {d: _newest_checkpoint_time(d) for d in runs}
-    stamps = {d: t for d, t in stamps.items() if t is not None}
+    stamps = {d: t for d, t in stamps.items() if t is not None and (kind is None or run_kind(d) == kind)}
     if not stamps:
-        raise CharnnError(f"no trained model under {root}/; train one with charnn train, or pass a checkpoint path")
+        what, command = ("classifier", "charnn classify train") if kind == "classifier" else (
+            "language model" if kind else "trained model", "charnn train")
+        raise CharnnError(f"no {what} under {root}/; train one with {command}, or pass a checkpoint path")
     return max(stamps, key=stamps.get)
 
 
@@ -337,9 +342,11 @@ def restoring(source: "Checkpoint"):
                           "but its best model can start a new one (--init-from)") from None
 
 
-def load_checkpoint(path: str | Path | None = None, *, which: str = "best", with_train_state: bool = False) -> Checkpoint:
-    """Read a checkpoint's config and vocabulary (weights are loaded by ``Checkpoint.load_weights``)."""
-    directory = resolve_checkpoint(path, which)
+def load_checkpoint(path: str | Path | None = None, *, which: str = "best", with_train_state: bool = False,
+                    kind: str | None = None) -> Checkpoint:
+    """Read a checkpoint's config and vocabulary (weights are loaded by ``Checkpoint.load_weights``); ``path``
+    None reads the latest run (of ``kind`` if given)."""
+    directory = resolve_checkpoint(path, which, kind=kind)
     config = _read_json(directory / CONFIG)
     if config.get("format") != FORMAT:
         raise CharnnError(f"{directory / CONFIG} is not a charnn checkpoint config; pass a run directory or a checkpoint directory")

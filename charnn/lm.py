@@ -44,7 +44,7 @@ def load_language_model(path: str | Path | None = None, *, which: str = "best", 
 def read_language_model(path: str | Path | None = None, *, which: str = "best") -> tuple[ModelConfig, ckpt.Checkpoint]:
     """A language model's settings and checkpoint (config and vocabulary, no weights), checked as
     :func:`load_language_model` checks them."""
-    ck = ckpt.load_checkpoint(path, which=which)
+    ck = ckpt.load_checkpoint(path, which=which, kind="language-model")  # None: the latest language model
     if ck.kind != "language-model":
         raise CharnnError(f"{ck.path} is a {ck.kind} checkpoint, not a language model; pass a run made by charnn train")
     try:

@@ -546,6 +546,27 @@ def test_cli_default_checkpoint_is_the_latest_run(tiny_run, tmp_path, monkeypatc
     assert "checkpoints/mine/last" in last.stderr.replace(os.sep, "/")
 
 
+def test_default_checkpoint_skips_a_newer_classifier(tiny_run, tmp_path, monkeypatch):
+    """sample, complete and charnn.load(None) take the latest *language model*: a classifier trained since (as the
+    README's own example does under checkpoints/) made them fail with 'is a classifier checkpoint'."""
+    import shutil
+
+    from charnn import TextClassifier, load
+    from charnn.cli import main
+
+    shutil.copytree(tiny_run, tmp_path / "checkpoints" / "lm")
+    monkeypatch.chdir(tmp_path)
+    TextClassifier(hidden=8, embed_dim=4, max_steps=2, val_fraction=0.0, out="checkpoints/clf").fit(["ab", "ba"] * 8, ["x", "y"] * 8)
+    result = cli("--seed", SEED, "-n", 20, "--random-seed", 1)
+    assert result.exit_code == 0, result.output
+    assert "sampling from checkpoints/lm/best" in result.stderr.replace(os.sep, "/")
+    assert load(None).checkpoint_path.parent.name == "lm"
+    completed = CliRunner().invoke(main, ["complete", "--k", "2"], input="To be or no\n")
+    assert completed.exit_code == 0, completed.output
+    shutil.rmtree(tmp_path / "checkpoints" / "lm")  # only a classifier left: say what is missing
+    one_line_error(cli("--seed", SEED, "-n", 5), "no language model under checkpoints/; train one with charnn train")
+
+
 def test_cli_unknown_seed_characters(tiny_run):
     warned = cli(tiny_run, "--seed", "snow\u2603", "-n", 10, "--random-seed", 1)
     assert warned.exit_code == 0 and "warning:" in warned.stderr and "\u2603" in warned.stderr

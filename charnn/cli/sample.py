@@ -61,7 +61,7 @@ def sample_cmd(checkpoint, seed_text, length, temperature, top_k, top_p, num_sam
                               logprobs=fmt == "json", precision=precision)
     which = "last" if last else "best"
     if checkpoint is None:
-        checkpoint = ckpt.resolve_checkpoint(None, which)
+        checkpoint = ckpt.resolve_checkpoint(None, which, kind="language-model")
         _stderr(f"sampling from {checkpoint}")
     lm = LanguageModel.from_checkpoint(checkpoint, which=which, device=device)
     with warnings.catch_warnings(record=True) as caught:
