@@ -606,7 +606,7 @@ def test_cli_missing_partial_and_corrupt_checkpoints(tiny_run, tmp_path):
     (tmp_path / "cwd").mkdir()
     os.chdir(tmp_path / "cwd")
     try:
-        one_line_error(cli(), "no trained model")
+        one_line_error(cli(), "no language model under checkpoints/")
     finally:
         os.chdir(Path(__file__).resolve().parents[1])
 
