@@ -36,9 +36,9 @@ def settings(**extra) -> list[str]:
     return [str(a) for kv in base.items() for a in kv]
 
 
-def torchrun(corpus: Path, out: Path, *args, nproc: int = 2, wait: bool = True):
+def torchrun(corpus: Path, out: Path, *args, nproc: int = 2, wait: bool = True, quiet: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "charnn", "train", str(corpus), "--out", str(out), "-q", *args]
+           "-m", "charnn", "train", str(corpus), "--out", str(out), *(["-q"] if quiet else []), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -67,7 +67,9 @@ def reference(small_corpus, tmp_path_factory):
 
 
 def test_two_gloo_processes_match_one_process(small_corpus, tmp_path, reference):
-    torchrun(small_corpus, tmp_path / "ddp", *settings(**{"--batch-size": 8, "--max-steps": 12}))
+    done = torchrun(small_corpus, tmp_path / "ddp", *settings(**{"--batch-size": 8, "--max-steps": 12}), quiet=False)
+    for line in ("model: ", "done (max-steps): 12 steps", "model saved in "):  # rank 0 alone reports
+        assert done.stderr.count(line) == 1, done.stderr[-3000:]
     assert_close(losses(tmp_path / "ddp"), losses(reference))
     assert vals(tmp_path / "ddp") == pytest.approx(vals(reference), rel=TOLERANCE)
     model, ck = load_language_model(tmp_path / "ddp")
@@ -101,6 +103,7 @@ def test_sigterm_stops_every_rank_with_one_resumable_checkpoint(small_corpus, tm
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
+    assert err.count("resume with: charnn train --resume") == 1, err[-3000:]  # rank 0 alone says it
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
     ck = ckpt.load_checkpoint(run, which="last", with_train_state=True)
     step = ck.train_state["step"]

@@ -62,6 +62,12 @@ def refuse_on_resume(allowed) -> None:
                           "drop them, or start a new run")
 
 
+def is_main_process(trainer) -> bool:
+    """False on torchrun's other ranks: only rank 0 talks, as only it writes (the CLI's lines would repeat)."""
+    dist = getattr(trainer, "dist", None)
+    return dist is None or dist.is_main
+
+
 def fit_or_exit(trainer, command: str, as_json: bool = False):
     """``trainer.fit()``; after Ctrl-C/SIGTERM print the checkpoint and the resume command (with ``as_json``
     also one JSON object on stdout, so a script reading it learns the same), then exit."""
@@ -79,6 +85,8 @@ def fit_or_exit(trainer, command: str, as_json: bool = False):
         raise CharnnError(f"cannot write the run in {run_dir} ({e.strerror or e}); free some space or choose "
                           "another --out (checkpoints written before are kept)") from None
     except TrainingInterrupted as e:
+        if not is_main_process(trainer):
+            sys.exit(e.exit_code)
         resume = f"{command} --resume {e.run_dir}"
         _echo(f"\ninterrupted at step {trainer.step}; checkpoint saved in {e.checkpoint}")
         _echo(f"resume with: {resume}")
@@ -171,11 +179,14 @@ def train_cmd(corpus, time_text, init_scheme, use_compile, resume, quiet, as_jso
         overrides = {k: opts[k] for k in RESUME_OVERRIDES}
         trainer = Trainer.resume(resume, overrides)
         check_resumable(trainer, resume)
-        log(f"resuming {trainer.run_dir} at step {trainer.step}")
     else:
         if not corpus:
             raise CharnnError("no corpus given; pass text files or directories, e.g. charnn train input.txt")
         trainer = Trainer(TrainConfig(corpus=list(corpus), **opts))
+    if not is_main_process(trainer):
+        log, as_json = (lambda m: None), False  # rank 0 alone reports, and prints the --json object
+    if resume:
+        log(f"resuming {trainer.run_dir} at step {trainer.step}")
     log(trainer.describe())
     result = fit_or_exit(trainer, "charnn train", as_json)
     if as_json:
