@@ -26,7 +26,7 @@ def _stderr(message: str) -> None:
 @click.option("--num-samples", type=int, default=1, show_default=True, help="Samples generated together as one batch.")
 @click.option("--stop", multiple=True, metavar="STRING",
               help="End a sample where this string appears (not printed); repeatable. Newline in bash: $'\\n'.")
-@click.option("--random-seed", type=int, help="Same seed, same output. Sample i uses seed S+i.  [default: random]")
+@click.option("--random-seed", type=int, help="Same seed, same output. The first sample uses seed S, the next S+1, ...  [default: random]")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one object with each sample and its average log-probability.")
 @click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
