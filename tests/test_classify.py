@@ -195,6 +195,15 @@ def test_multi_label(tmp_path):
     assert report["multi_label"] and "confusion_matrix" not in report
     assert report["macro_f1"] >= 0.9
     assert clf.labels_of(pred[:3]) == [tuple(l) for l in labels[300:303]] or report["accuracy"] < 1
+    clf.save(tmp_path / "ml")
+    probe = ["axyab", "abcd", "xab"]
+    expected = clf.labels_of(clf.predict(probe))
+    lines = CliRunner().invoke(main, ["classify", "predict", str(tmp_path / "ml"), *probe]).stdout.splitlines()
+    for line, text, chosen in zip(lines, probe, expected):  # the predicted labels, then each one's probability
+        head, *scores, shown = line.split("\t")
+        assert shown == text and head == ("|".join(chosen) or "-")
+        assert [s.split(":")[0] for s in scores][:len(chosen)] == sorted(chosen, key=lambda c: -clf.predict_proba([text])[0][list(clf.classes_).index(c)])
+        assert len(scores) == max(1, len(chosen))
 
 
 # -- padding and packing -----------------------------------------------------------------------------------

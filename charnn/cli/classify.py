@@ -196,7 +196,8 @@ def predict_cmd(checkpoint, texts, file, encoding, top, last, device, as_json):
     """Label TEXTS (or --file lines, or stdin lines) with a trained classifier.
 
     Text output: one line per text, LABEL<TAB>PROBABILITY[<TAB>...]<TAB>TEXT
-    (multi-label: the predicted labels joined by |, then each one's probability).
+    (multi-label: the predicted labels joined by | (- for none), then LABEL:PROBABILITY for each of them, or for
+    the --top K most probable labels where those are more).
     """
     from ..classify import TextClassifier
 
@@ -224,6 +225,7 @@ def predict_cmd(checkpoint, texts, file, encoding, top, last, device, as_json):
         order = p.argsort()[::-1][:top]
         if multi:
             head = "|".join(map(str, row["label"])) or "-"
+            order = p.argsort()[::-1][:max(top, len(row["label"]))]  # every predicted label has p >= 0.5: the first
         else:
             head = str(row["label"])
         scores = "\t".join(f"{classes[i]}:{p[i]:.3f}" if (top > 1 or multi) else f"{p[i]:.3f}" for i in order)
