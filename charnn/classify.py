@@ -868,9 +868,11 @@ class ClassifyConfig:
 class ClassifierInterrupted(TrainingInterrupted):
     """Raised after Ctrl-C or SIGTERM once a resumable checkpoint is written."""
 
-    def __init__(self, run_dir: Path, signum: int, checkpoint: Path | None = None):
+    def __init__(self, run_dir: Path, signum: int, checkpoint: Path | None = None, from_python: bool = False):
         super().__init__(run_dir, signum, checkpoint)
-        self.args = (f"training interrupted; resume with: charnn classify train --resume {run_dir}",)
+        how = (f"TextClassifier.resume({str(run_dir)!r}, texts, labels) with the same data" if from_python
+               else f"charnn classify train --resume {run_dir}")
+        self.args = (f"training interrupted; resume with: {how}",)
 
 
 @dataclass
@@ -1169,7 +1171,7 @@ class ClassifierTrainer(BudgetClock):
                         self._log({"interrupted": signal.Signals(stop.signum).name})
                         if self.run_dir:
                             self.save("last")
-                            raise ClassifierInterrupted(self.run_dir, stop.signum)
+                            raise ClassifierInterrupted(self.run_dir, stop.signum, from_python=not self.data_info)
                         raise KeyboardInterrupt
                     if stop_reason or self.batch_in_epoch == 0:
                         break
@@ -1433,7 +1435,7 @@ class EnsembleTrainer:
             try:
                 result = self.current.fit()
             except ClassifierInterrupted as e:
-                raise ClassifierInterrupted(self.run_dir, e.signum, e.checkpoint) from None
+                raise ClassifierInterrupted(self.run_dir, e.signum, e.checkpoint, from_python=not self.data_info) from None
             if result.stop_reason == "diverged":  # no ensemble from a member that blew up
                 if self.run_dir and not self.finished:
                     ckpt.discard_run_without_checkpoint(self.run_dir)
@@ -1509,7 +1511,8 @@ def _resumed_settings(run_dir, source: ckpt.Checkpoint, overrides: dict | None, 
     info = source.config.get("data")
     if data is None:
         if not info:
-            raise CharnnError(f"{run_dir} was trained on data passed from Python; pass the same data to resume it")
+            raise CharnnError(f"{run_dir} was trained on data passed from Python; resume it from Python with the same "
+                              f"data: TextClassifier.resume({str(run_dir)!r}, texts, labels)")
         train, vdata = _read_info(info, cfg.multi_label)
         data = (train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None)
     return cfg, data
@@ -1611,9 +1614,10 @@ class TextClassifier(_Params):
     With ``multi_label=True`` labels are collections of labels per text (or a
     0/1 matrix), and ``predict`` returns a 0/1 matrix over ``classes_``.
 
-    Fitted attributes: ``classes_``, ``vocab_``, ``net_``, ``result_`` (a
-    :class:`ClassifyResult`), ``run_dir_`` (the run directory: ``out``, or the run a loaded checkpoint
-    belongs to; None otherwise).
+    Fitted attributes: ``classes_``, ``vocab_``, ``net_``, ``run_dir_`` (the run directory: ``out``, or the
+    run a loaded checkpoint belongs to; None otherwise) and, after ``fit`` or ``resume`` (not ``load``),
+    ``result_`` (a :class:`ClassifyResult`). ``TextClassifier.resume(run, texts, labels)`` continues a fit
+    that Ctrl-C or SIGTERM interrupted.
     """
 
     def __init__(self, *, cell="lstm", layers=1, hidden=256, embed_dim=64, dropout=0.0, embed_dropout=0.0,
@@ -1664,6 +1668,22 @@ class TextClassifier(_Params):
         self._adopt(trainer.net, trainer.vocab, trainer.classes, trainer.config_dict(), trainer.device, trainer.precision)
         self.run_dir_ = trainer.run_dir
         return self
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, X=None, y=None, *, val_texts=None, val_labels=None,
+               on_log: Callable[[dict], None] | None = None) -> "TextClassifier":
+        """Continue an interrupted run (Ctrl-C or SIGTERM during ``fit`` with ``out``) and return the fitted
+        classifier. Runs fitted on texts passed from Python need the same ``X``, ``y`` (and validation texts)
+        again; runs of ``charnn classify train`` read their files again."""
+        data = None if X is None else (X, _as_labels(y), val_texts, None if val_labels is None else _as_labels(val_labels))
+        trainer_class = EnsembleTrainer if EnsembleTrainer.is_ensemble_run(run_dir) else ClassifierTrainer
+        trainer = trainer_class.resume(run_dir, data=data, on_log=on_log)
+        clf = cls(**{k: v for k, v in trainer.cfg.to_dict().items() if k in cls._get_param_names()})
+        with caller_rng_kept():
+            clf.result_ = trainer.fit()
+        clf._adopt(trainer.net, trainer.vocab, trainer.classes, trainer.config_dict(), trainer.device, trainer.precision)
+        clf.run_dir_ = trainer.run_dir
+        return clf
 
     def _adopt(self, net, vocab, classes, config: dict, device, precision) -> None:
         self.net_, self.vocab_ = net.eval(), vocab

@@ -47,7 +47,8 @@ DECAY_DECISION_STEPS = 50  # steps of a session after which a time budget's pace
 
 @dataclass
 class TrainConfig:
-    """Options of a training run. ``None`` means "the recommended value" (see ``presets``)."""
+    """Options of a training run. ``None`` means "the recommended value" (see ``presets``), except where a
+    field's comment or the README says otherwise (``patience=None`` turns early stopping off)."""
 
     corpus: list[str] = field(default_factory=list)
     glob: str = "**/*"

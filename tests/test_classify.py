@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -623,6 +624,30 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(order_data, tmp_path
     b = TextClassifier.load(tmp_path / "cut", which="last").net_.state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_run_fitted_from_python_resumes_from_python(order_data, tmp_path):
+    """Ctrl-C in TextClassifier.fit said 'resume with: charnn classify train --resume RUN', which refuses a run
+    fitted on texts passed from Python; TextClassifier.resume takes the same texts again."""
+    (texts, labels), (test_texts, _) = order_data
+    settings = dict(FAST, max_epochs=2, patience=None, log_every=1)
+    full = TextClassifier(**settings, out=tmp_path / "full").fit(texts[:160], labels[:160])
+
+    def interrupt(record):
+        if record.get("step") == 7 and "train_loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = tmp_path / "cut"
+    with pytest.raises(ClassifierInterrupted, match=re.escape(f"resume with: TextClassifier.resume({str(run)!r}, texts, labels)")):
+        TextClassifier(**settings, out=run).fit(texts[:160], labels[:160], on_log=interrupt)
+    out = CliRunner().invoke(main, ["classify", "train", "--resume", str(run)])
+    assert out.exit_code == 2 and "TextClassifier.resume(" in out.output  # the fix the CLI can't do itself
+    resumed = TextClassifier.resume(run, texts[:160], labels[:160])
+    assert resumed.result_.steps == full.result_.steps and resumed.run_dir_ == run
+    assert resumed.get_params()["max_epochs"] == 2
+    assert np.array_equal(resumed.predict_proba(test_texts), full.predict_proba(test_texts))
+    with pytest.raises(CharnnError, match="data changed"):
+        TextClassifier.resume(run, texts[:100], labels[:100])
 
 
 def test_resume_refuses_changed_data(order_data, tmp_path):

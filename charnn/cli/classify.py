@@ -60,7 +60,7 @@ def _data_options(f):
               help="Train the head only: a linear probe of the language model's features, fitted as logistic regression "
                    "with its L2 strength chosen by 5-fold cross-validation.  "
                    "[default: on with --init-from when an epoch is under 32 steps, i.e. fewer than 32 x batch texts, "
-                   "unless --gradual-unfreeze is given]")
+                   "unless --gradual-unfreeze or --random-crop is given]")
 @click.option("--gradual-unfreeze/--no-gradual-unfreeze", default=None, help="Unfreeze one layer per epoch from the top.  [default: on with --init-from]")
 @click.option("--layer-lr-decay", type=float, help="Each layer down learns this many times slower.  [default: 2.6 with --init-from, else 1]")
 @click.option("--cell", type=click.Choice(["lstm", "gru", "rnn"]), default="lstm", show_default=True, help="Recurrent cell (from scratch).")
@@ -89,7 +89,7 @@ def _data_options(f):
                    "window of 50-100% of its characters (at least 10), so the classifier learns to use every cue in "
                    "a text; 0.5 helped SMS spam (benchmarks/RESULTS.md). Not with a linear probe.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Texts per step.")
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Learning rate of the head (and of every layer without --layer-lr-decay).")
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Learning rate of the head; each layer below learns --layer-lr-decay times slower (2.6 with --init-from).")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw", "rmsprop", "sgd"]), default="adam", show_default=True)
 @click.option("--weight-decay", type=float, help="L2 penalty; decoupled for adamw.  [default: 0.01 with adamw, else 0]")
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
@@ -102,7 +102,7 @@ def _data_options(f):
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time", "time_text", help="Wall-clock budget, e.g. 90s, 10m, 2h.")
 @click.option("--eval-every", type=int, help="Validate every N steps (and at each epoch end).")
-@click.option("--patience", type=int, default=5, show_default=True, help="Early stopping: evaluations without a better macro-F1; 0 disables.")
+@click.option("--patience", type=int, default=5, show_default=True, help="Early stopping: evaluations without a better macro-F1 (at an equal one, a lower validation loss counts as better); 0 disables.")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Random seed (split, initialisation, batch order).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="fp32", show_default=True)

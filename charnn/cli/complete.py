@@ -37,9 +37,10 @@ def _suggestion_line(s) -> str:
 def complete_cmd(checkpoint, k, mode, max_chars, last, device, as_json):
     """Live suggestions as you type (Tab accepts the first), or suggestions for each line piped in.
 
-    CHECKPOINT defaults to the latest run. In pipe mode every input line is
-    completed and its suggestions print one per line, as a JSON string and
-    its probability separated by a tab.
+    CHECKPOINT defaults to the latest language model. In pipe mode every input
+    line is completed and its suggestions print one per line, as a JSON string
+    and its probability separated by a tab; with several input lines, each
+    line's suggestions follow a "> LINE" header.
 
     \b
     Examples:

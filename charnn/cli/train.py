@@ -140,7 +140,7 @@ def fit_or_exit(trainer, command: str, as_json: bool = False):
 @click.option("--average-last", type=float, default=0.2, show_default=True,
               help="Average the weights over this last fraction of the budget (the saved best model); 0 disables.")
 @click.option("--grad-accum", type=int, help="Micro-batches per step: global batch = processes x batch x K.  [default: 1]")
-@click.option("--max-epochs", type=float, help="Stop after this many passes over the training text.")
+@click.option("--max-epochs", type=float, help="Stop after this many passes over the training text.  [default: 30 without --time, else none]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time", "time_text", help="Wall-clock budget, e.g. 90s, 10m, 2h.")
 @click.option("--eval-every", type=int, help="Validate every N steps (and at each epoch end).")
