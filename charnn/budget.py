@@ -106,7 +106,8 @@ def check_resumable(trainer, run_dir) -> None:
         raise CharnnError(f"{run_dir} stopped early ({trainer.bad_evals} evaluations without improvement), so its best "
                           f"model is final; to train more, start a new run from it ({setting('init_from')})")
     if reason in BUDGET_SETTINGS:
-        raise CharnnError(f"{run_dir} already reached its budget ({reason} at step {trainer.step}); give a larger "
-                          f"{setting(BUDGET_SETTINGS[reason])} to train on")
+        flag = setting(BUDGET_SETTINGS[reason])
+        raise CharnnError(f"{run_dir} has trained {trainer.step} steps ({trainer._epoch_progress():.2f} epochs), already "
+                          f"as much as the {flag} budget allows; give a larger {flag} to train on")
     if reason:
         raise CharnnError(f"{run_dir} is finished ({reason}); nothing is left to train")

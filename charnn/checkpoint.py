@@ -289,10 +289,17 @@ def resolve_checkpoint(path: str | Path | None = None, which: str = "best", root
         raise CharnnError(f"checkpoint {p} not found; pass a run directory or a checkpoint directory")
     if is_checkpoint_dir(p):
         return p
+    if which == "last" and (p / "member-1").is_dir() and not is_checkpoint_dir(p / "last"):
+        raise CharnnError(f"{p} is an ensemble run: it keeps its members' best models together and no last model; "
+                          f"use its best, or pass {p / 'member-1'} (or another member-N) for one member's last model")
     for name in (which, "last" if which == "best" else "best"):
         for candidate in (p / name, p / f".{name}.old"):
             if is_checkpoint_dir(candidate):
                 return candidate
+    if (p / "member-1").is_dir():
+        raise CharnnError(f"{p} is an unfinished ensemble run (it has no ensemble until every member has trained); "
+                          f"resume it with charnn classify train --resume {p}, or pass {p / 'member-1'} (or another "
+                          "member-N) for one member")
     raise CharnnError(
         f"{p} is not a charnn checkpoint (no {CONFIG} and {WEIGHTS}); pass a run directory or a checkpoint directory"
     )
@@ -310,6 +317,12 @@ def latest_run(root: str | Path = DEFAULT_ROOT, kind: str | None = None) -> Path
             "language model" if kind else "trained model", "charnn train")
         raise CharnnError(f"no {what} under {root}/; train one with {command}, or pass a checkpoint path")
     return max(stamps, key=stamps.get)
+
+
+def run_of(checkpoint_dir: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (its metrics.jsonl is there); None for a checkpoint saved on its
+    own (``TextClassifier.save``), whose parent folder is no run."""
+    return checkpoint_dir.parent if checkpoint_dir.name in RUN_CHECKPOINTS else None
 
 
 def _newest_checkpoint_time(run_dir: Path) -> float | None:

@@ -702,11 +702,17 @@ def plot_confusion_matrix(report: dict, output: str | Path) -> Path:
 
 # -- configuration ------------------------------------------------------------------------------------------
 def _language_models(value) -> str | list[str] | None:
-    """``init_from`` as stored: None, one path (a string), or a list of two or more paths (one of one is the path)."""
+    """``init_from`` as stored: None, one absolute path (a string), or a list of two or more (one of one is the
+    path)."""
     if value is None or isinstance(value, (str, os.PathLike)):
-        return as_path(value)
-    models = as_path_list(value, "init_from")
+        return _absolute(as_path(value))
+    models = [_absolute(m) for m in as_path_list(value, "init_from")]
     return (models or [None])[0] if len(models) < 2 else models
+
+
+def _absolute(path):
+    """A path string made absolute, so a run resumed or a checkpoint used from another folder finds it."""
+    return os.path.abspath(path) if isinstance(path, str) and path else path
 
 
 SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")  # not with init_from
@@ -752,7 +758,7 @@ class ClassifyConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05
     # ensemble: members trained one after another, each with its own initialisation and batch order
-    ensemble: int = 1
+    ensemble: int | None = None  # None: 1, or one member per language model in init_from
     member: int = 0  # which member this run trains (0: the run a single classifier is)
     # budget and validation
     max_epochs: float | None = 30
@@ -771,8 +777,8 @@ class ClassifyConfig:
 
     def __post_init__(self):
         self.out, self.init_from = as_path(self.out), _language_models(self.init_from)  # the strings JSON stores
-        if isinstance(self.init_from, list) and self.ensemble == 1:
-            self.ensemble = len(self.init_from)  # several language models: one member from each
+        if self.ensemble is None:
+            self.ensemble = len(self.init_from) if isinstance(self.init_from, list) else 1  # one member per model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1626,7 +1632,7 @@ class TextClassifier(_Params):
                  newline_frame=False, init_from=None, freeze_encoder=None,
                  gradual_unfreeze=None, layer_lr_decay=None, batch_size=32, lr=3e-3, optimizer="adam",
                  weight_decay=None, momentum=0.9, nesterov=False, grad_clip=5.0, warmup_steps=0, schedule="cosine",
-                 min_lr_ratio=0.05, ensemble=1, max_epochs=30, max_steps=None, time_budget=None, patience=5,
+                 min_lr_ratio=0.05, ensemble=None, max_epochs=30, max_steps=None, time_budget=None, patience=5,
                  eval_every=None, val_fraction=0.1, seed=1234, device="auto", precision="fp32", out=None, log_every=10,
                  quiet=True):
         self.cell, self.layers, self.hidden, self.embed_dim = cell, layers, hidden, embed_dim

@@ -107,7 +107,8 @@ class TrainConfig:
         # From Python: one path may stand for a list of one (a str is not iterated as one-character paths), and
         # pathlib paths become the strings a run's JSON config stores.
         self.corpus = as_path_list(self.corpus, "corpus")
-        self.out, self.init_from = as_path(self.out), as_path(self.init_from)
+        init_from = as_path(self.init_from)  # absolute: a resumed run or `info` from another folder finds it
+        self.out, self.init_from = as_path(self.out), os.path.abspath(init_from) if isinstance(init_from, str) and init_from else init_from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -412,6 +413,9 @@ class Trainer(BudgetClock):
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.run_dir = Path(resume_from.path.parent) if resume_from else self._agree_on_run_dir()
         init = ckpt.load_checkpoint(self.cfg.init_from) if self.cfg.init_from and not resume_from else None
+        if init and self.cfg.min_char_count != 1:
+            raise CharnnError(f"{setting('min_char_count')}: {setting('init_from', self.cfg.init_from)} keeps that model's "
+                              f"vocabulary; drop {setting('min_char_count')}")
         vocab = resume_from.vocab if resume_from else init.vocab if init else None
         self.corpus: Corpus = load_corpus(
             self.cfg.corpus, glob=self.cfg.glob, encoding=self.cfg.encoding, val_fraction=self.cfg.val_fraction,
@@ -495,7 +499,7 @@ class Trainer(BudgetClock):
         A run saved by N processes resumes on M processes (or one) with the same
         global batch: the per-process batch becomes global / (M x grad_accum).
         """
-        kind = ckpt.load_checkpoint(run_dir, which="last").kind  # before the training state: an ensemble has none
+        kind = ckpt.run_kind(run_dir) or ckpt.load_checkpoint(run_dir, which="last").kind  # an ensemble has no last/
         if kind != "language-model":
             command = ckpt.RESUME_COMMANDS.get(kind)
             raise CharnnError(f"{run_dir} is a {kind} run, not a language model; "

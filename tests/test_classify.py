@@ -995,7 +995,7 @@ def test_resuming_a_finished_run_changes_nothing(order_data, tmp_path):
     assert CliRunner().invoke(main, [*args, "--ensemble", "2", "--out", str(tmp_path / "two")]).exit_code == 0
     before = (tmp_path / "one" / "last" / "model.safetensors").read_bytes()
     out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "one")])
-    assert out.exit_code == 2 and "already reached its budget (max-epochs" in out.output
+    assert out.exit_code == 2 and "already as much as the --max-epochs budget allows" in out.output
     assert (tmp_path / "one" / "last" / "model.safetensors").read_bytes() == before
     out = CliRunner().invoke(main, ["classify", "train", "--resume", str(tmp_path / "two")])
     assert out.exit_code == 2 and "is finished (ensemble); nothing is left to train" in out.output

@@ -570,6 +570,37 @@ def test_train_resume_of_a_classifier_run_points_to_classify(clf_runs):
         assert_clear_error(run_cli("train", "--resume", run), f"resume it with charnn classify train --resume {run}")
 
 
+def test_where_features_meet(tiny_run, clf_runs, tmp_path, monkeypatch):
+    """Defects a workflow probe found where two features meet, each once silent or misleading."""
+    import shutil
+
+    from charnn.classify import TextClassifier
+
+    single, ensemble, data = clf_runs
+    # --last on an ensemble run answered with its best models; an unfinished ensemble "is not a charnn checkpoint"
+    for args in (("info", ensemble, "--last"), ("classify", "predict", ensemble, "--last", "xaby")):
+        assert_clear_error(run_cli(*args), "is an ensemble run: it keeps its members' best models together and no last")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(ensemble / "member-1", unfinished / "member-1")
+    assert_clear_error(run_cli("info", unfinished), f"is an unfinished ensemble run (it has no ensemble until every "
+                                                    f"member has trained); resume it with charnn classify train --resume {unfinished}")
+    # a checkpoint saved on its own: plot drew (and info counted) the parent folder's metrics, here a language model's
+    TextClassifier.load(single).save(tiny_run.parent / "exported")
+    assert_clear_error(run_cli("plot", tiny_run.parent / "exported"), "is a checkpoint saved on its own, without its run's")
+    assert json.loads(run_cli("info", tiny_run.parent / "exported", "--json").output)["history"]["records"] == 0
+    # fine-tuning a language model keeps its vocabulary: --min-char-count was accepted and recorded, and did nothing
+    assert_clear_error(run_cli("train", data.parent / "data.tsv", "--init-from", tiny_run, "--min-char-count", 5,
+                               "--out", tmp_path / "ft"), "--min-char-count: --init-from")
+    # --ensemble 1 given with two language models trained two members anyway
+    monkeypatch.chdir(tiny_run.parent)
+    with pytest.raises(CharnnError, match="ensemble must be at least the number of language models"):
+        TextClassifier(init_from=[tiny_run.name, tiny_run.name], ensemble=1).fit(["ab", "ba"] * 8, ["x", "y"] * 8)
+    # relative --init-from paths are stored absolute, so the run resumes and is described from any folder
+    clf = TextClassifier(init_from=tiny_run.name, max_steps=2, freeze_encoder=False).fit(["ab", "ba"] * 8, ["x", "y"] * 8)
+    assert clf.checkpoint_config_["training"]["init_from"] == str(tiny_run)
+    assert TrainConfig(corpus=["x"], init_from=tiny_run.name).init_from == str(tiny_run)
+
+
 def test_missing_checkpoint_message_names_no_command(tmp_path):
     for args in (("classify", "predict", tmp_path / "nonexist", "text"), ("info", tmp_path / "nonexist")):
         result = run_cli(*args)
@@ -701,7 +732,9 @@ def test_resume_refuses_new_settings_and_a_spent_budget(small_corpus, tmp_path):
     train(tiny_config(small_corpus, run, max_steps=12))
     before = (run / "best" / "model.safetensors").read_bytes()
     assert_clear_error(run_cli("train", "--resume", run, "--hidden", "8"), "--hidden: a resumed run keeps its own settings")
-    assert_clear_error(run_cli("train", "--resume", run), "already reached its budget (max-steps at step 12)")
+    assert_clear_error(run_cli("train", "--resume", run), "has trained 12 steps (")
+    assert_clear_error(run_cli("train", "--resume", run), "already as much as the --max-steps budget allows; give a larger --max-steps")
+    assert_clear_error(run_cli("train", "--resume", run, "--max-steps", 5), "has trained 12 steps")  # a lower new budget
     assert (run / "best" / "model.safetensors").read_bytes() == before
     assert Trainer.resume(run).fit().steps == 12  # the API: fit() takes no step past the budget
     out = run_cli("train", "--resume", run, "--max-steps", "14", "--quiet")

@@ -95,9 +95,10 @@ def _data_options(f):
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Global gradient-norm clip; 0 disables.")
 @click.option("--warmup-steps", type=int, default=0, show_default=True, help="Linear learning-rate warmup.")
 @click.option("--schedule", type=click.Choice(["cosine", "plateau", "constant"]), default="cosine", show_default=True)
-@click.option("--ensemble", type=int, default=1, show_default=True,
+@click.option("--ensemble", type=int,
               help="Train this many classifiers (seeds SEED, SEED+1, ...; same data and validation split) and predict "
-                   "with their mean probability: steadier and usually more accurate, N times the training time.")
+                   "with their mean probability: steadier and usually more accurate, N times the training time.  "
+                   "[default: 1, or one per --init-from]")
 @click.option("--max-epochs", type=float, help="Stop after this many passes over the training texts (each member of an ensemble).  [default: 30]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--time", "time_text", help="Wall-clock budget, e.g. 90s, 10m, 2h.")

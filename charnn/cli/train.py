@@ -248,7 +248,8 @@ def info_cmd(checkpoint, last, as_json):
     ck = ckpt.load_checkpoint(checkpoint, which="last" if last else "best")
     ck.check_weights()  # the header only: a truncated or overwritten weights file is an error, not a success
     classifier = ck.config.get("classifier") if ck.kind == "classifier" else None
-    history = ckpt.read_metrics(ck.path.parent)
+    run_dir = ckpt.run_of(ck.path)
+    history = ckpt.read_metrics(run_dir) if run_dir else []  # a checkpoint saved on its own has none
     score, keys = ("val_macro_f1", ("step", "epoch", "val_loss", "val_accuracy", "val_macro_f1", "elapsed")) \
         if classifier is not None else ("val_bpc", ("step", "epoch", "val_bpc", "elapsed"))
     vals = [r for r in history if score in r]
@@ -340,7 +341,11 @@ def plot_cmd(checkpoint, output, force):
     from .. import checkpoint as ckpt
     from ..plotting import plot_curves
 
-    run_dir = ckpt.resolve_checkpoint(checkpoint).parent
+    path = ckpt.resolve_checkpoint(checkpoint)
+    run_dir = ckpt.run_of(path)
+    if run_dir is None:
+        raise CharnnError(f"{path} is a checkpoint saved on its own, without its run's training history; plot the run "
+                          "directory it was trained in")
     refuse_to_replace(output, force, "--output")
     path = plot_curves(run_dir, output)
     click.echo(f"wrote {path}", err=True)
