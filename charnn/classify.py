@@ -33,9 +33,9 @@ import math
 import os
 import re
 import shutil
-import warnings
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,7 +54,7 @@ from .errors import SEED_LIMIT, CharnnError, check_settings, make_dirs, off_valu
 from .model import (CELLS, CharRNN, Dropout, ModelConfig, fits_in_memory, init_recurrent, run_layers,
                     run_recurrent)
 from .probe import fit_count as probe_fit_count, fit_probe
-from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_path,
+from .training import (OPTIMIZERS, SCHEDULES, LRSchedule, StopSignals, TrainingInterrupted, as_absolute_path, as_path,
                        as_path_list, caller_rng_kept, check_types, make_optimizer)
 from .vocab import Vocabulary, training_vocabulary
 
@@ -705,14 +705,9 @@ def _language_models(value) -> str | list[str] | None:
     """``init_from`` as stored: None, one absolute path (a string), or a list of two or more (one of one is the
     path)."""
     if value is None or isinstance(value, (str, os.PathLike)):
-        return _absolute(as_path(value))
-    models = [_absolute(m) for m in as_path_list(value, "init_from")]
+        return as_absolute_path(value)
+    models = [as_absolute_path(m) for m in as_path_list(value, "init_from")]
     return (models or [None])[0] if len(models) < 2 else models
-
-
-def _absolute(path):
-    """A path string made absolute, so a run resumed or a checkpoint used from another folder finds it."""
-    return os.path.abspath(path) if isinstance(path, str) and path else path
 
 
 SCRATCH_ONLY = ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "min_char_count")  # not with init_from

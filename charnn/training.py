@@ -107,8 +107,7 @@ class TrainConfig:
         # From Python: one path may stand for a list of one (a str is not iterated as one-character paths), and
         # pathlib paths become the strings a run's JSON config stores.
         self.corpus = as_path_list(self.corpus, "corpus")
-        init_from = as_path(self.init_from)  # absolute: a resumed run or `info` from another folder finds it
-        self.out, self.init_from = as_path(self.out), os.path.abspath(init_from) if isinstance(init_from, str) and init_from else init_from
+        self.out, self.init_from = as_path(self.out), as_absolute_path(self.init_from)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +121,13 @@ class TrainConfig:
 def as_path(value):
     """A pathlib (os.PathLike) path as the string a JSON config stores; anything else unchanged."""
     return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def as_absolute_path(value):
+    """A path (str or os.PathLike) as an absolute string, so a run resumed or described from another folder finds
+    it; anything else (None, '') unchanged."""
+    value = as_path(value)
+    return os.path.abspath(value) if isinstance(value, str) and value else value
 
 
 def as_path_list(value, name: str) -> list:

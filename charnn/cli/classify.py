@@ -17,8 +17,6 @@ def _echo(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-
-
 @main.group("classify", cls=CharnnGroup)
 def classify():
     """Classify whole texts with a character RNN (from scratch or fine-tuned from a language model).
@@ -223,12 +221,9 @@ def predict_cmd(checkpoint, texts, file, encoding, top, last, device, as_json):
         click.echo(json.dumps({"checkpoint": str(clf.run_dir_ or checkpoint), "multi_label": multi, "predictions": rows}, ensure_ascii=False))
         return
     for row, p in zip(rows, proba):
-        order = p.argsort()[::-1][:top]
-        if multi:
-            head = "|".join(map(str, row["label"])) or "-"
-            order = p.argsort()[::-1][:max(top, len(row["label"]))]  # every predicted label has p >= 0.5: the first
-        else:
-            head = str(row["label"])
+        head = ("|".join(map(str, row["label"])) or "-") if multi else str(row["label"])
+        shown = max(top, len(row["label"])) if multi else top  # the predicted labels (p >= 0.5) come first
+        order = p.argsort()[::-1][:shown]
         scores = "\t".join(f"{classes[i]}:{p[i]:.3f}" if (top > 1 or multi) else f"{p[i]:.3f}" for i in order)
         click.echo(f"{head}\t{scores}\t{row['text']}")
 
