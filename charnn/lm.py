@@ -171,8 +171,8 @@ class LanguageModel:
             raise CharnnError(f"score's context must be a string, got {type(context).__name__}")
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
             raise CharnnError(f"score's chunk must be a positive integer, got {chunk!r}")
-        context = context or DEFAULT_SEED
-        ids = encode_text(self.vocab, context + text, strict=strict, what="text")
+        ids = encode_text(self.vocab, (context or "") + text, strict=strict, what="text",
+                          prefix="" if context else DEFAULT_SEED)  # the prime is charnn's, not the caller's
         inputs, targets = ids[:-1], ids[1:]
         out, state = [], None
         with torch.inference_mode():
@@ -187,7 +187,7 @@ class LanguageModel:
 
     def next_char_probs(self, text: str = "", *, strict: bool = False) -> dict[str, float]:
         """The distribution of the character after ``text`` (default: after a newline), likeliest first."""
-        ids = encode_text(self.vocab, text or DEFAULT_SEED, strict=strict, what="text")
+        ids = encode_text(self.vocab, text, strict=strict, what="text", prefix="" if text else DEFAULT_SEED)
         logits, _ = self.stepper.prime(torch.as_tensor(ids)[None])
         probs = torch.softmax(logits[0].double(), -1).cpu().numpy()
         order = np.argsort(-probs, kind="stable")

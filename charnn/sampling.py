@@ -109,8 +109,10 @@ class Sample:
         return asdict(self)
 
 
-def encode_text(vocab: Vocabulary, text: str, *, strict: bool = False, what: str = "seed") -> np.ndarray:
-    """Ids of ``text``; characters outside the vocabulary warn (or, ``strict``, raise) and become unknown."""
+def encode_text(vocab: Vocabulary, text: str, *, strict: bool = False, what: str = "seed", prefix: str = "") -> np.ndarray:
+    """Ids of ``prefix + text``; characters of ``text`` outside the vocabulary warn (or, ``strict``, raise) and
+    become unknown. ``prefix`` is charnn's own (the start-of-line prime, DEFAULT_SEED): never reported, as the
+    caller did not write it, even where the model has no newline."""
     if not isinstance(text, str):
         raise CharnnError(f"the {what} must be a string, got {type(text).__name__}"
                           + ("; decode bytes first, e.g. data.decode('utf-8')" if isinstance(text, bytes) else ""))
@@ -121,7 +123,7 @@ def encode_text(vocab: Vocabulary, text: str, *, strict: bool = False, what: str
             raise CharnnError(f"the {what} has characters the model does not know: {shown}; remove them, or drop {setting('strict')}")
         warnings.warn(f"the {what} has characters the model does not know: {shown}; they read as the unknown symbol",
                       UnknownCharacterWarning, stacklevel=3)
-    return vocab.encode(text).astype(np.int64)
+    return vocab.encode(prefix + text).astype(np.int64)
 
 
 def fresh_random_seed() -> int:
@@ -247,7 +249,7 @@ class SampleRun:
         if seed is not None and not isinstance(seed, str):
             encode_text(vocab, seed)  # the same one-line error as any text that is not a string
         self.seed = seed or ""
-        self.seed_ids = encode_text(vocab, self.seed or DEFAULT_SEED, strict=strict and bool(self.seed))
+        self.seed_ids = encode_text(vocab, self.seed, strict=strict, prefix="" if self.seed else DEFAULT_SEED)
         self.base_seed = o.random_seed if o.random_seed is not None else fresh_random_seed()
         self.random_seeds = [self.base_seed + i for i in range(o.num_samples)]
         self.stops = self._stop_ids(o.stop)

@@ -710,3 +710,27 @@ def test_sampling_settings_take_numpy_numbers_but_not_bools(lm, options, message
         return
     with pytest.raises(CharnnError, match=message):
         lm.generate("The ", **options)
+
+
+def test_the_start_of_line_prime_is_never_reported_as_the_callers_text():
+    """A model whose corpus had no newline warned 'the seed has characters the model does not know: \\n' for an
+    empty seed, and score/next_char_probs did the same: the newline was charnn's own prime, not the caller's."""
+    import warnings
+
+    from charnn.lm import LanguageModel
+    from charnn.sampling import UnknownCharacterWarning
+    from charnn.vocab import Vocabulary
+
+    vocab = Vocabulary(list("ab "))
+    torch.manual_seed(0)
+    lm = LanguageModel(CharRNN(ModelConfig(vocab_size=len(vocab), hidden=8, embed_dim=4)), vocab)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lm.generate("", length=5, random_seed=1)
+        lm.generate(None, length=5, random_seed=1, strict=True)
+        lm.score("ab ab")
+        lm.next_char_probs("")
+    with pytest.warns(UnknownCharacterWarning, match=r"the seed has characters the model does not know: 'z'"):
+        lm.generate("az", length=3, random_seed=1)
+    with pytest.warns(UnknownCharacterWarning, match=r"'\\n'"):  # a newline the caller wrote is still reported
+        lm.score("a\nb", context="b")
