@@ -425,3 +425,10 @@ def test_download_unreachable(tmp_path, monkeypatch, cache):
     assert "check your connection" in msg and "\n" not in msg
     assert not out.exists()
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_cli_output_dash_is_refused_not_a_file_named_dash(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke("corpus", "build", "python-stdlib", "-o", "-", "--max-chars", "300")
+    assert r.exit_code == 2 and r.output.startswith("error: --output - (standard output) is not supported")
+    assert not (tmp_path / "-").exists()

@@ -64,6 +64,9 @@ def build_cmd(name: str, output: str, force: bool, max_chars: int | None, as_jso
     from ..corpora import OutputExistsError, build_corpus, text_stats
     from ..errors import CharnnError
 
+    if output == "-":  # the usual "standard output" spelling would have made a file named "-"
+        raise CharnnError("--output - (standard output) is not supported: a corpus is written atomically to a file; "
+                          "give a file name, e.g. -o corpus.txt")
     try:
         path = build_corpus(name, output, progress=not as_json, max_chars=max_chars, overwrite=force)
     except OutputExistsError as e:  # the library names its argument, overwrite=True; here it is --force
