@@ -292,7 +292,8 @@ def _model_info(lm, completer: Completer) -> dict:
 
 
 def _install_error_handlers(app, JSONResponse) -> None:
-    """Schema violations and CharnnError (bad input the schema cannot see) -> 422; anything else -> a JSON 500, logged."""
+    """Schema violations, unreadable bodies and CharnnError (bad input the schema cannot see) -> 422; anything else
+    -> a JSON 500, logged."""
 
     from fastapi.exceptions import RequestValidationError  # noqa: PLC0415
 
@@ -305,6 +306,16 @@ def _install_error_handlers(app, JSONResponse) -> None:
         detail = [{"type": e.get("type"), "loc": [str(part) for part in e.get("loc", ())], "msg": e.get("msg")}
                   for e in exc.errors()]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    from fastapi.exception_handlers import http_exception_handler  # noqa: PLC0415
+    from starlette.exceptions import HTTPException  # noqa: PLC0415
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": bytes that are not UTF-8, nesting too deep
+            return JSONResponse({"detail": "the request body is not readable JSON: send UTF-8 JSON text (not nested "
+                                           "hundreds of levels deep)"}, status_code=422)
+        return await http_exception_handler(request, exc)  # 404, 405, ... as FastAPI answers them
 
     @app.exception_handler(CharnnError)
     async def user_error(request, exc: CharnnError):

@@ -157,7 +157,8 @@ def test_bad_requests_answer_422_json(client, path, body):
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b'{"text": "a", "k": NaN}', b'{"text": "a", "k": Infinity}', b"", b"\xff\xfe",
-                                 b'{"text": "\\ud800"}', b'{"text": "a", "mode": null}', b"[1, 2]", b"null"])
+                                 b'{"text": "\\ud800"}', b'{"text": "a", "mode": null}', b"[1, 2]", b"null",
+                                 b'{"text": "caf\xe9"}', b"[" * 5_000])  # not UTF-8, too deep: FastAPI said 400
 def test_malformed_bodies_answer_422(client, raw):
     for path in ("/v1/complete", "/v1/generate"):
         r = client.post(path, content=raw, headers={"content-type": "application/json"})
