@@ -46,7 +46,6 @@ training time is reported separately.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -62,47 +61,40 @@ from charnn.cli import OneLineArgumentParser
 from charnn.classify import (TextClassifier, classification_report, encode_labels, encode_texts, predict_logits,
                              read_labelled, stratified_split)
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _args import (at_least_one, comma_choices, comma_list, fraction, non_negative_int,  # noqa: E402
+                   positive_float, probability)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATASETS = {"names": "datasets/names.tsv", "sms": "datasets/sms_spam.tsv"}
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 
 
-def at_least_one(text: str) -> int:
-    """argparse type: a whole number of 1 or more (a step budget of 0 would silently mean --lm-time)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
-    return value
-
-
 def parse_args(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="names,sms", help="Comma-separated: names, sms.")
-    p.add_argument("--budgets", default="10,50,200", help="Labelled examples per class (besides all labels); '' for none.")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--datasets", type=comma_choices(DATASETS), default="names,sms", help="Comma-separated: names, sms.")
+    p.add_argument("--budgets", type=comma_list(at_least_one, allow_empty=True), default="10,50,200", help="Labelled examples per class (besides all labels); '' for none.")
+    p.add_argument("--test-fraction", type=fraction, default=0.2)
+    p.add_argument("--val-fraction", type=fraction, default=0.1)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=1234, help="charnn's training seed.")
-    p.add_argument("--hidden", type=int, default=256, help="Hidden units of each LM layer and of the scratch classifier (1 layer).")
-    p.add_argument("--lm-time", type=float, default=120, help="Seconds of language-model training per dataset.")
+    p.add_argument("--hidden", type=at_least_one, default=256, help="Hidden units of each LM layer and of the scratch classifier (1 layer).")
+    p.add_argument("--lm-time", type=positive_float, default=120, help="Seconds of language-model training per dataset.")
     p.add_argument("--lm-steps", type=at_least_one, default=None,
                    help="Train each language model for this many steps instead of --lm-time seconds, so the machine's "
                         "pace cannot change the model (2,350 steps is about 150 s on 2 idle cores).")
-    p.add_argument("--lm-layers", type=int, default=2,
+    p.add_argument("--lm-layers", type=at_least_one, default=2,
                    help="Recurrent layers of the language model, and so of the fine-tuned encoder (2: the SMS "
                         "targets at 10-200 per class, benchmarks/RESULTS.md, session 9).")
-    p.add_argument("--lm-dropout", type=float, default=0.0,
+    p.add_argument("--lm-dropout", type=probability, default=0.0,
                    help="Dropout of the language model, between its layers and before its output layer; the "
                         "fine-tuned encoders inherit it between their layers.")
-    p.add_argument("--max-epochs", type=float, default=20, help="charnn epochs at most with all labels (early stopping on).")
-    p.add_argument("--patience", type=int, default=4, help="charnn early-stopping patience (epochs) with all labels.")
-    p.add_argument("--budget-max-epochs", type=float, default=40, help="charnn epochs at most at the per-class budgets.")
-    p.add_argument("--budget-patience", type=int, default=10, help="charnn patience at the per-class budgets.")
-    p.add_argument("--max-chars", type=int, default=300, help="charnn truncates longer texts (keeping the head).")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-epochs", type=positive_float, default=20, help="charnn epochs at most with all labels (early stopping on).")
+    p.add_argument("--patience", type=at_least_one, default=4, help="charnn early-stopping patience (epochs) with all labels.")
+    p.add_argument("--budget-max-epochs", type=positive_float, default=40, help="charnn epochs at most at the per-class budgets.")
+    p.add_argument("--budget-patience", type=at_least_one, default=10, help="charnn patience at the per-class budgets.")
+    p.add_argument("--max-chars", type=at_least_one, default=300, help="charnn truncates longer texts (keeping the head).")
+    p.add_argument("--batch-size", type=at_least_one, default=32)
     p.add_argument("--random-crop", default="", metavar="DATASET:P,...",
                    help="charnn's --random-crop P on these datasets with all labels, e.g. sms:0.5 (the per-class budgets "
                         "keep their linear probe, which crops would turn off).")
@@ -114,11 +106,11 @@ def parse_args(argv=None):
     p.add_argument("--ensemble-lms", default="", metavar="DATASET,...",
                    help="On these datasets each member of charnn-ensemble fine-tunes from its own language model "
                         "(trained like the first, with seeds SEED+1, SEED+2, ...), e.g. sms.")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--balance", default="names", help="Datasets (comma-separated) on which charnn uses balanced class weights.")
-    p.add_argument("--ensemble", type=int, default=3, help="Members of charnn-ensemble.")
+    p.add_argument("--ensemble", type=at_least_one, default=3, help="Members of charnn-ensemble.")
     p.add_argument("--systems", default="tfidf-lr,charnn-scratch,charnn-finetune,charnn-ensemble")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default).")
     p.add_argument("--packing", action="store_true", help="Only time packed vs padded training batches, then exit.")
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     return p.parse_args(argv)

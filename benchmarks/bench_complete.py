@@ -37,6 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from charnn.cli import OneLineArgumentParser
+from charnn.errors import CharnnError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _args import at_least, at_least_one, non_negative_float  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints" / "bench-complete-small"
@@ -144,18 +148,28 @@ def load_test(port: int, passage: str, clients: int, seconds: float) -> dict:
 
 
 # -- main ---------------------------------------------------------------------------------------------------
-def run(args) -> dict:
-    import torch
-
+def setup(args) -> tuple:
+    """Load the checkpoint and the corpus, and cut the passage to type: (model, checkpoint, training text, passage).
+    Quick; a user mistake here raises CharnnError before any measurement."""
     from charnn import checkpoint as ckpt
-    from charnn.completion import Completer
-    from charnn.completion_eval import DictionaryCompleter, evaluate_completion
     from charnn.lm import load_language_model
 
     ck = ckpt.load_checkpoint(args.checkpoint)
     train_text, held_out = split_corpus(Path(args.corpus), ck)
     passage = held_out[:args.limit] if args.limit else held_out
+    if len(passage) < 2:
+        raise CharnnError(f"the held-out part of {args.corpus} holds {len(passage)} character(s) to type; "
+                          "the benchmark needs at least 2 (a longer corpus)")
     model, ck = load_language_model(args.checkpoint)
+    return model, ck, train_text, passage
+
+
+def run(args, model, ck, train_text: str, passage: str) -> dict:
+    import torch
+
+    from charnn.completion import Completer
+    from charnn.completion_eval import DictionaryCompleter, evaluate_completion
+
     completer = Completer(model, vocab=ck.vocab)
     report: dict = {"checkpoint": str(ck.path), "corpus": str(args.corpus), "torch_threads": torch.get_num_threads(),
                     "model": {k: ck.config["model"][k] for k in ("cell", "layers", "hidden", "embed_dim")},
@@ -236,10 +250,10 @@ def main(argv=None) -> int:
                    help="Run directory of the 2x256 model (default: trained first if missing).")
     p.add_argument("--train-time", default="10m", help="Training budget when the default checkpoint is missing.")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="The model's training corpus (tiny Shakespeare).")
-    p.add_argument("--limit", type=int, help="Type only the first N held-out characters.")
-    p.add_argument("--uncached", type=int, default=300, help="Keystrokes timed without the state cache.")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=30.0, help="Server load test duration; 0 skips it.")
+    p.add_argument("--limit", type=at_least(2), help="Type only the first N (2 or more) held-out characters.")
+    p.add_argument("--uncached", type=at_least_one, default=300, help="Keystrokes timed without the state cache.")
+    p.add_argument("--clients", type=at_least_one, default=16, help="Client threads of the server load test.")
+    p.add_argument("--seconds", type=non_negative_float, default=30.0, help="Server load test duration; 0 skips it.")
     p.add_argument("--json", action="store_true", help="Print one JSON object.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     args = p.parse_args(argv)
@@ -249,7 +263,11 @@ def main(argv=None) -> int:
         if Path(args.checkpoint) != DEFAULT_CHECKPOINT:
             p.error(f"{args.checkpoint} not found; pass a run directory of a trained model")
         train_default_model(args)
-    report = run(args)
+    try:
+        loaded = setup(args)
+    except CharnnError as e:
+        p.error(str(e))
+    report = run(args, *loaded)
     if args.json:
         print(json.dumps(report))
     else:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +27,9 @@ from charnn.cli import OneLineArgumentParser
 import charnn.model as model_mod
 from charnn.model import CharRNN, ModelConfig, sequence_loss
 from charnn.presets import PRESETS
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _args import at_least_one  # noqa: E402
 
 
 def torch_dropout(x, p, training=True):
@@ -62,7 +67,7 @@ def make_step(dropout_fn, fused_stack: bool):
 
 def main() -> None:
     parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="steps per variant, interleaved; the median counts")
+    parser.add_argument("--steps", type=at_least_one, default=100, help="steps per variant, interleaved; the median counts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     charnn_dropout = model_mod.dropout

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -45,10 +46,17 @@ import numpy as np
 import torch
 
 from charnn.cli import OneLineArgumentParser
+from charnn.errors import CharnnError
 from charnn.inference import Stepper, blas_threads
 from charnn.lm import LanguageModel
 from charnn.model import CharRNN, ModelConfig
 from charnn.vocab import Vocabulary
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _args import at_least_one  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TEXT = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
 CHARS = "\n" + "".join(chr(c) for c in range(32, 95))  # newline + 63 printable characters + unknown = 65
 
@@ -134,13 +142,15 @@ def charnn_sample(lm: LanguageModel, batch: int, length: int, precision: str = "
         PRIME[batch] = (run.prime_seconds, run.elapsed)
 
 
-def precision_check(checkpoint: str, text_path: str, val_fraction: float = 0.1, streams: int = 16) -> dict:
+def precision_check(checkpoint: str, text_path: str, val_fraction: float = 0.1, streams: int = 16,
+                    lm: LanguageModel | None = None) -> dict:
     """Does bf16 generation change the model? Bits per character of the last ``val_fraction`` of
     ``text_path`` under a trained checkpoint, teacher-forced through each engine's step: the NumPy
-    stepper (fp32) and the native kernel in fp32 and bf16 (``streams`` contiguous streams, zero start)."""
+    stepper (fp32) and the native kernel in fp32 and bf16 (``streams`` contiguous streams, zero start);
+    ``lm``: the checkpoint's model, when already loaded."""
     from charnn import native as nat  # noqa: PLC0415
 
-    lm = LanguageModel.from_checkpoint(checkpoint)
+    lm = lm if lm is not None else LanguageModel.from_checkpoint(checkpoint)
     text = Path(text_path).read_text(encoding="utf-8")
     ids = lm.vocab.encode(text[int(len(text) * (1 - val_fraction)):]).astype(np.int64)
     per = (len(ids) - 1) // streams
@@ -197,7 +207,8 @@ def products_only(stepper: Stepper, batch: int, steps: int) -> None:
             np.matmul(out, stepper._w_out, out=logits)
 
 
-def measure(args) -> dict:
+def measure(args, trained: LanguageModel | None = None) -> dict:
+    """Every timing; ``trained``: the ``--checkpoint`` model, loaded (and so checked) before measuring."""
     vocab = Vocabulary(CHARS)
     model = build_model(len(vocab))
     lm = LanguageModel(model, vocab)
@@ -260,7 +271,7 @@ def measure(args) -> dict:
         "flops_per_char": fpc,
         "gflops_at_batch_64": by[("charnn", 64)]["chars_per_sec"] * fpc / 1e9,
         "targets": {"batch1_speedup_at_least": 25, "batch64_chars_per_sec_at_least": 40000},
-        "precision_check": precision_check(args.checkpoint, args.text) if args.checkpoint else None,
+        "precision_check": precision_check(args.checkpoint, args.text, lm=trained) if args.checkpoint else None,
     }
 
 
@@ -292,15 +303,24 @@ def print_table(report: dict) -> None:
 
 def main() -> None:
     parser = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--length", type=int, default=4000, help="characters per sample for charnn at batch 1")
-    parser.add_argument("--naive-length", type=int, default=150, help="characters the naive loop generates")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--length", type=at_least_one, default=4000, help="characters per sample for charnn at batch 1")
+    parser.add_argument("--naive-length", type=at_least_one, default=150, help="characters the naive loop generates")
+    parser.add_argument("--repeats", type=at_least_one, default=3, help="runs of each timing; the best counts")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--checkpoint", help="a trained model: also compare its bpc under fp32 and bf16 generation")
-    parser.add_argument("--text", default="../shared/corpora/tinyshakespeare.txt",
-                        help="with --checkpoint: the text whose last 10%% is scored")
+    parser.add_argument("--text", default=str(DEFAULT_TEXT),
+                        help="with --checkpoint: the text whose last 10%% is scored (default: tiny Shakespeare in "
+                             "the shared folder beside the repository)")
     args = parser.parse_args()
-    report = measure(args)
+    trained = None
+    if args.checkpoint:  # a wrong checkpoint or text is refused now, not after minutes of timing
+        if not Path(args.text).is_file():
+            parser.error(f"{args.text} not found; pass --text PATH to the text the checkpoint was trained on")
+        try:
+            trained = LanguageModel.from_checkpoint(args.checkpoint)
+        except CharnnError as e:
+            parser.error(str(e))
+    report = measure(args, trained)
     if args.json:
         print(json.dumps(report))
     else:

@@ -26,6 +26,9 @@ from pathlib import Path
 
 from charnn.cli import OneLineArgumentParser
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _args import at_least_one  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 
@@ -74,14 +77,22 @@ def train_worker(corpus: str, steps: int, out: str) -> dict:
 
 
 def run_worker(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *args], check=True, capture_output=True, text=True)
+    """Run a worker in its own process; when it fails, stop with its own last error line (not a traceback)."""
+    out = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"no message, exit code {out.returncode}"
+        for prefix in ("error: ", "charnn.errors.CharnnError: "):  # a user-facing message needs no class name
+            last = last[len(prefix):] if last.startswith(prefix) else last
+        print(f"error: the {args[0]} worker failed: {last}", file=sys.stderr)
+        sys.exit(out.returncode if out.returncode > 0 else 1)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-mb", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--size-mb", type=at_least_one, default=1024, help="size of the generated corpus in MiB")
+    p.add_argument("--steps", type=at_least_one, default=200, help="training steps on it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()

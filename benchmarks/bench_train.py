@@ -30,6 +30,9 @@ from pathlib import Path
 
 from charnn.cli import OneLineArgumentParser
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _args import positive_float  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 CHECKPOINTS = (120, 300, 600)
@@ -146,8 +149,8 @@ def value_at(evals: list, t: float, budget: float) -> float | None:
 def main() -> None:
     p = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS))
-    p.add_argument("--budget", type=float, default=600, help="seconds per run (default 600)")
-    p.add_argument("--speed-budget", type=float, default=60, help="seconds per equal-size throughput run")
+    p.add_argument("--budget", type=positive_float, default=600, help="seconds per run (default 600)")
+    p.add_argument("--speed-budget", type=positive_float, default=60, help="seconds per equal-size throughput run")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--keep", help="copy charnn's run directory here")
     p.add_argument("--worker", choices=["charnn", "textbook"], help=argparse.SUPPRESS)
@@ -158,7 +161,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     if not Path(args.corpus).exists():
-        sys.exit(f"error: corpus {args.corpus} not found; pass --corpus FILE")
+        p.error(f"corpus {args.corpus} not found; pass --corpus FILE")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         charnn = spawn("charnn", args.corpus, args.budget, tmp)

@@ -60,6 +60,9 @@ from pathlib import Path
 
 from charnn.cli import OneLineArgumentParser
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _args import at_least, at_least_one, comma_list, positive_float  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpora" / "tinyshakespeare.txt"
 TARGET_BPC = 2.5
@@ -352,26 +355,32 @@ def print_speed(speed: dict) -> None:
 def main(argv=None) -> int:
     p = OneLineArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="tiny Shakespeare text")
-    p.add_argument("--budget", type=float, default=180.0, help="training seconds per run")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per row (1234, 1235, ...)")
+    p.add_argument("--budget", type=positive_float, default=180.0, help="training seconds per run")
+    p.add_argument("--seeds", type=at_least_one, default=1, help="seeds per row (1234, 1235, ...)")
     p.add_argument("--rows", help="comma-separated row names (default: all)")
-    p.add_argument("--sgd-lr", type=float, default=SGD["lr"], help="learning rate of the SGD rows")
-    p.add_argument("--irnn-lr", type=float, help="learning rate of the irnn row (default: --sgd-lr)")
-    p.add_argument("--sgd-lr-sweep", help="comma-separated rates: first pick --sgd-lr by short runs of +orthogonal")
-    p.add_argument("--compare-step", type=int, default=400, help="report the probe bpc after this many steps")
-    p.add_argument("--sweep-budget", type=float, default=30.0, help="training seconds per sweep run")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, each in its own process")
-    p.add_argument("--eval-every", type=int, default=20, help="steps between validation probes")
-    p.add_argument("--probe-chars", type=int, default=32768, help="validation characters per probe")
+    p.add_argument("--sgd-lr", type=positive_float, default=SGD["lr"], help="learning rate of the SGD rows")
+    p.add_argument("--irnn-lr", type=positive_float, help="learning rate of the irnn row (default: --sgd-lr)")
+    p.add_argument("--sgd-lr-sweep", type=comma_list(positive_float), help="comma-separated rates: first pick --sgd-lr by short runs of +orthogonal")
+    p.add_argument("--compare-step", type=at_least_one, default=400, help="report the probe bpc after this many steps")
+    p.add_argument("--sweep-budget", type=positive_float, default=30.0, help="training seconds per sweep run")
+    p.add_argument("--threads", type=at_least_one, default=1, help="torch threads per run")
+    p.add_argument("--jobs", type=at_least_one, default=2, help="runs at a time, each in its own process")
+    p.add_argument("--eval-every", type=at_least_one, default=20, help="steps between validation probes")
+    p.add_argument("--probe-chars", type=at_least(2), default=32768, help="validation characters per probe")
     p.add_argument("--no-speed", action="store_true", help="skip the speed section")
     p.add_argument("--speed-only", action="store_true", help="only the speed section")
-    p.add_argument("--speed-threads", default="1,2", help="thread counts for the speed section")
-    p.add_argument("--speed-rounds", type=int, default=8)
+    p.add_argument("--speed-threads", type=comma_list(at_least_one), default="1,2", help="thread counts for the speed section")
+    p.add_argument("--speed-rounds", type=at_least_one, default=8, help="interleaved rounds of the speed section")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if not Path(args.corpus).is_file():
         p.error(f"{args.corpus} not found; pass --corpus PATH to tiny Shakespeare")
+    if args.rows:  # checked before the learning-rate sweep, not after it
+        wanted = args.rows.split(",")
+        names = [r[0] for r in row_configs()]
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            p.error(f"unknown rows {unknown}; choose from {', '.join(names)}")
 
     import multiprocessing as mp
 
@@ -384,10 +393,6 @@ def main(argv=None) -> int:
         args.irnn_lr = args.sgd_lr
     rows = row_configs(args.sgd_lr, args.irnn_lr)
     if args.rows:
-        wanted = args.rows.split(",")
-        unknown = [w for w in wanted if w not in {r[0] for r in rows}]
-        if unknown:
-            p.error(f"unknown rows {unknown}; choose from {', '.join(r[0] for r in rows)}")
         rows = [r for r in rows if r[0] in wanted]
     report = {"corpus": args.corpus, "budget_seconds": args.budget, "threads_per_run": args.threads,
               "concurrent_runs": args.jobs, "model": {k: BASE[k] for k in ("layers", "hidden", "embed_dim")},

@@ -47,7 +47,7 @@ def test_readme_glob_examples_reach_subfolders(tmp_path):
         assert resolve_files([root], pattern) == [top, nested], pattern
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_")))
 def test_benchmark_scripts_refuse_a_bad_option_in_one_line(script):
     """Every benchmark's argument mistakes print one ``error:`` line (no usage block) and exit 2."""
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--no-such-option"],
