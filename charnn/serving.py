@@ -170,7 +170,8 @@ def create_app(model=None, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     @app.get("/v1/model")
     def model_info() -> dict:
         return {**_model_info(lm, completer), "limits": {
-            "max_text_chars": max_text_chars, "max_generate_chars": max_generate_chars, "max_k": MAX_K,
+            "max_text_chars": max_text_chars, "max_generate_chars": max_generate_chars, "max_generations": max_generations,
+            "max_k": MAX_K,
             "max_suggestion_chars": MAX_SUGGESTION_CHARS, "modes": list(MODES)}}
 
     @app.post("/v1/complete", response_model=CompleteResponse, responses=BODY_ERRORS)

@@ -51,6 +51,7 @@ def test_healthz_and_model_info(client, tiny_run):
     info = client.get("/v1/model").json()
     assert info["vocab_size"] > 10 and info["parameters"] > 0 and info["model"]["cell"] == "lstm"
     assert info["limits"]["max_text_chars"] == MAX_TEXT and info["limits"]["max_generate_chars"] == MAX_GENERATE
+    assert info["limits"]["max_generations"] >= 1  # the third limit the README names
     assert info["completer"]["context_chars"] > 0
 
 
