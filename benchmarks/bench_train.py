@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from charnn.cli import OneLineArgumentParser
+from charnn.errors import CharnnError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _args import positive_float  # noqa: E402
@@ -136,7 +137,10 @@ def spawn(kind: str, corpus: str, budget: float, tmp: Path, extra: dict | None =
     out = tmp / f"run-{report.stem}"
     cmd = [sys.executable, __file__, "--worker", kind, "--corpus", corpus, "--budget", str(budget),
            "--out", str(out), "--report", str(report), "--extra", json.dumps(extra or {})]
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd)  # the worker prints its own error, if any, to this terminal
+    if done.returncode != 0:
+        print(f"error: the {kind} worker failed (exit code {done.returncode}; its message is above)", file=sys.stderr)
+        sys.exit(done.returncode if done.returncode > 0 else 1)
     return json.loads(report.read_text())
 
 
@@ -159,7 +163,10 @@ def main() -> None:
     p.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args)
+        try:
+            return worker(args)
+        except CharnnError as e:  # a user's mistake (a corpus too short, ...): one line, not a traceback
+            sys.exit(f"error: {e}")
     if not Path(args.corpus).exists():
         p.error(f"corpus {args.corpus} not found; pass --corpus FILE")
     with tempfile.TemporaryDirectory() as tmp:

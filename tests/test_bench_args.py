@@ -87,3 +87,13 @@ def test_scale_worker_failure_is_its_last_line(tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the encode worker failed: "), lines
     assert "missing.txt" in lines[0]
+
+
+def test_train_worker_failure_names_the_problem_without_a_traceback(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("x y z\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--corpus", str(short), "--budget", "2", "--json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.splitlines()[0], "error: the charnn worker failed (exit code 1; its "
+                                        "message is above)"] and "the training text is too short" in proc.stderr
