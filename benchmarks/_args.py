@@ -9,64 +9,38 @@ file by a test).
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Iterable
 
 
-def _number(text: str, kind: type, what: str):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+def _checked(kind: type, what: str, ok: Callable) -> Callable[[str], object]:
+    """argparse type: ``text`` as a ``kind`` for which ``ok(value)`` holds; otherwise 'must be WHAT, got TEXT'."""
+
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return check
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: a whole number of ``minimum`` or more."""
-    what = f"a whole number of {minimum} or more"
-
-    def check(text: str) -> int:
-        value = _number(text, int, what)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
+    check = _checked(int, f"a whole number of {minimum} or more", lambda v: v >= minimum)
     check.__name__ = f"at_least_{minimum}"
     return check
 
 
 at_least_one = at_least(1)
 non_negative_int = at_least(0)
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number above 0 (seconds, a learning rate)."""
-    value = _number(text, float, "a number above 0")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a number of 0 or more."""
-    value = _number(text, float, "a number of 0 or more")
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of 0 or more, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number above 0 and below 1."""
-    value = _number(text, float, "a number above 0 and below 1")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number above 0 and below 1, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type: a number of 0 or more and below 1 (a dropout rate)."""
-    value = _number(text, float, "a number of 0 or more and below 1")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number of 0 or more and below 1, got {text!r}")
-    return value
+positive_float = _checked(float, "a number above 0", lambda v: 0 < v < math.inf)  # seconds, a learning rate
+non_negative_float = _checked(float, "a number of 0 or more", lambda v: 0 <= v < math.inf)
+fraction = _checked(float, "a number above 0 and below 1", lambda v: 0 < v < 1)
+probability = _checked(float, "a number of 0 or more and below 1", lambda v: 0 <= v < 1)  # a dropout rate
 
 
 def comma_list(item: Callable[[str], object], allow_empty: bool = False) -> Callable[[str], str]:
@@ -74,10 +48,9 @@ def comma_list(item: Callable[[str], object], allow_empty: bool = False) -> Call
     itself is returned unchanged (the scripts split it where they use it). ``allow_empty``: '' means none."""
 
     def check(text: str) -> str:
-        items = text.split(",")
         if text.strip() == "" and allow_empty:
             return text
-        for piece in items:
+        for piece in text.split(","):
             if not piece.strip():
                 raise argparse.ArgumentTypeError(f"has an empty item in {text!r}; separate the values by single commas")
             try:

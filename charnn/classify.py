@@ -1666,8 +1666,7 @@ class TextClassifier(_Params):
             trainer = (EnsembleTrainer if cfg.ensemble > 1 else ClassifierTrainer)(
                 cfg, X, _as_labels(y), val_texts, None if val_labels is None else _as_labels(val_labels), on_log=on_log)
             self.result_ = trainer.fit()
-        self._adopt(trainer.net, trainer.vocab, trainer.classes, trainer.config_dict(), trainer.device, trainer.precision)
-        self.run_dir_ = trainer.run_dir
+        self._adopt_trained(trainer)
         return self
 
     @classmethod
@@ -1682,9 +1681,13 @@ class TextClassifier(_Params):
         clf = cls(**{k: v for k, v in trainer.cfg.to_dict().items() if k in cls._get_param_names()})
         with caller_rng_kept():
             clf.result_ = trainer.fit()
-        clf._adopt(trainer.net, trainer.vocab, trainer.classes, trainer.config_dict(), trainer.device, trainer.precision)
-        clf.run_dir_ = trainer.run_dir
+        clf._adopt_trained(trainer)
         return clf
+
+    def _adopt_trained(self, trainer) -> None:
+        """Take the network, vocabulary and run of a trainer that has fitted (``fit`` or ``resume``)."""
+        self._adopt(trainer.net, trainer.vocab, trainer.classes, trainer.config_dict(), trainer.device, trainer.precision)
+        self.run_dir_ = trainer.run_dir
 
     def _adopt(self, net, vocab, classes, config: dict, device, precision) -> None:
         self.net_, self.vocab_ = net.eval(), vocab
