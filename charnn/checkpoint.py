@@ -31,7 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .errors import CharnnError, check_creatable, is_number, make_dirs, setting
+from .errors import CharnnError, check_creatable, is_integer, is_number, make_dirs, setting
+from .model import ModelConfig
 from .vocab import Vocabulary
 
 FORMAT = "charnn-checkpoint"
@@ -100,6 +101,22 @@ class Checkpoint:
     def kind(self) -> str:
         return self.config.get("kind", "language-model")
 
+    def settings(self, section: str, read):
+        """``read(config[section])``: settings read from a section of config.json; a section missing or damaged
+        (a wrong type, a value out of range) is a CharnnError naming the file."""
+        try:
+            return read(self.config[section])
+        except (KeyError, TypeError, AttributeError, ValueError, CharnnError) as e:
+            raise CharnnError(f"{self.path / CONFIG} is damaged ({section} settings: {e}); use another checkpoint") from None
+
+    def model_config(self) -> ModelConfig:
+        """The saved model's settings, checked against the vocabulary (a damaged config.json is a CharnnError)."""
+        config = self.settings("model", ModelConfig.from_dict)
+        if config.vocab_size != len(self.vocab):
+            raise CharnnError(f"{self.path}: the vocabulary ({len(self.vocab)}) does not match the model "
+                              f"({config.vocab_size}); the checkpoint is damaged")
+        return config
+
     def check_weights(self) -> None:
         """A cheap check of the weights file: its safetensors header must parse and cover exactly the whole file,
         so a truncated, padded or overwritten file is caught without reading any tensor."""
@@ -123,6 +140,9 @@ class Checkpoint:
                 f"{self.path / WEIGHTS} does not match its config (missing {sorted(missing)[:3]}, "
                 f"unexpected {sorted(unexpected)[:3]}); the checkpoint is damaged"
             )
+        if not all(bool(t.isfinite().all()) for t in module.state_dict().values() if t.is_floating_point()):
+            raise CharnnError(f"{self.path / WEIGHTS} holds weights that are not finite (NaN or infinity); "
+                              "the checkpoint is damaged, use another one")
 
 
 # -- writing -------------------------------------------------------------------------
@@ -344,12 +364,45 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+class DamagedTensors(Exception):
+    """A training-state tensor that is missing or misshapen; :func:`restoring` names the tensors file."""
+
+
+class TrainTensors(dict):
+    """A training state's tensors by name: a missing one is a :class:`DamagedTensors` error."""
+
+    def __missing__(self, name: str):
+        raise DamagedTensors(f"no tensor {name!r}")
+
+    def shaped(self, name: str, shape) -> torch.Tensor:
+        """The tensor ``name``, which must have ``shape``."""
+        return _check_shape(name, self[name], shape)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(tensor.shape) != tuple(shape):
+        raise DamagedTensors(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+    return tensor
+
+
+def counters(state: dict, names) -> dict:
+    """The training state's ``names``, each a whole number of at least 0 (a ValueError, inside :func:`restoring`,
+    for anything else)."""
+    for name in names:
+        if not is_integer(state[name]) or state[name] < 0:
+            raise ValueError(f"{name} is {state[name]!r}, not a count")
+    return {name: state[name] for name in names}
+
+
 @contextlib.contextmanager
 def restoring(source: "Checkpoint"):
     """Inside the block, a training state with missing or mistyped entries (a damaged or hand-edited
-    ``train_state.json``) is a CharnnError naming the file, not a KeyError traceback."""
+    ``train_state.json`` or ``train_state.safetensors``) is a CharnnError naming the file, not a traceback."""
     try:
         yield
+    except (DamagedTensors, RuntimeError) as e:  # torch's own errors here come from the saved tensors
+        raise CharnnError(f"{source.path / TRAIN_TENSORS} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          "this run cannot resume, but its best model can start a new one (--init-from)") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CharnnError(f"{source.path / TRAIN_JSON} is damaged ({type(e).__name__}: {e}); this run cannot resume, "
                           "but its best model can start a new one (--init-from)") from None
@@ -363,16 +416,24 @@ def load_checkpoint(path: str | Path | None = None, *, which: str = "best", with
     config = _read_json(directory / CONFIG)
     if config.get("format") != FORMAT:
         raise CharnnError(f"{directory / CONFIG} is not a charnn checkpoint config; pass a run directory or a checkpoint directory")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise CharnnError(f"{directory} was written by a newer charnn (format {config['format_version']}); upgrade charnn")
-    vocab = Vocabulary.from_dict(_read_json(directory / VOCAB))
+    version = config.get("format_version", 0)
+    if not is_integer(version) or version < 0:
+        raise CharnnError(f"{directory / CONFIG} is damaged (format_version {version!r} is not a version number); "
+                          "use another checkpoint")
+    if version > FORMAT_VERSION:
+        raise CharnnError(f"{directory} was written by a newer charnn (format {version}); upgrade charnn")
+    vocab_data = _read_json(directory / VOCAB)
+    try:
+        vocab = Vocabulary.from_dict(vocab_data)
+    except CharnnError as e:
+        raise CharnnError(f"{directory / VOCAB} is damaged ({e.__cause__ or e}); use another checkpoint") from None
     ckpt = Checkpoint(directory, config, vocab)
     if with_train_state:
         if not (directory / TRAIN_JSON).is_file():
             raise CharnnError(f"{directory} has no training state to resume from; pass the run's directory (its last/ checkpoint)")
         ckpt.train_state = _read_json(directory / TRAIN_JSON)
         try:
-            ckpt.train_tensors = load_file(str(directory / TRAIN_TENSORS))
+            ckpt.train_tensors = TrainTensors(load_file(str(directory / TRAIN_TENSORS)))
         except (SafetensorError, OSError) as e:
             raise CharnnError(f"{directory / TRAIN_TENSORS} is damaged ({e}); resume from another checkpoint") from e
     return ckpt
@@ -393,11 +454,15 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, t
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, data: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`optimizer_state` saved; a tensor that does not fit its parameter is a DamagedTensors error."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
+            if not 0 <= int(pid) < len(params):
+                raise DamagedTensors(f"tensor {name!r} belongs to no parameter")
+            state.setdefault(int(pid), {})[key] = value if value.dim() == 0 else _check_shape(name, value, params[int(pid)].shape)
     for name, value in data.get("scalars", {}).items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value

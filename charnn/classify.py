@@ -951,7 +951,7 @@ class ClassifierTrainer(BudgetClock):
         lm = None
         if resume_from:
             self.vocab = resume_from.vocab
-            self.encoder_config = ModelConfig.from_dict(resume_from.config["model"])
+            self.encoder_config = resume_from.model_config()
         elif cfg.init_from:
             from .lm import load_language_model
 
@@ -1066,7 +1066,9 @@ class ClassifierTrainer(BudgetClock):
         st, tensors = source.train_state, source.train_tensors
         ckpt.restore_optimizer(self.optimizer, st["optimizer"], {k: v.to(self.device) for k, v in tensors.items()})
         self.schedule.load(st["schedule"])
-        for name in ("step", "epoch", "batch_in_epoch", "train_chars", "train_seconds", "best", "last", "bad_evals"):
+        for name, value in ckpt.counters(st, ("step", "epoch", "batch_in_epoch", "train_chars", "bad_evals")).items():
+            setattr(self, name, value)
+        for name in ("train_seconds", "best", "last"):
             setattr(self, name, st[name])
         self.elapsed_before = st["elapsed"]
         self.lm_path = source.config["classifier"].get("init_from")
@@ -1505,7 +1507,7 @@ def _check_compatible_language_models(init_from) -> None:
 def _resumed_settings(run_dir, source: ckpt.Checkpoint, overrides: dict | None, data: tuple | None):
     """A run's settings with ``overrides`` (None values ignored), and its data: ``data`` as given, or read again
     from the files the run was started on."""
-    cfg = ClassifyConfig.from_dict(source.config["training"])
+    cfg = source.settings("training", _saved_config)
     for key, value in (overrides or {}).items():
         if value is not None:
             setattr(cfg, key, value)
@@ -1517,6 +1519,13 @@ def _resumed_settings(run_dir, source: ckpt.Checkpoint, overrides: dict | None, 
         train, vdata = _read_info(info, cfg.multi_label)
         data = (train.texts, train.labels, vdata.texts if vdata else None, vdata.labels if vdata else None)
     return cfg, data
+
+
+def _saved_config(data: dict) -> ClassifyConfig:
+    """A run's settings as its config.json holds them, checked as a new run's are."""
+    cfg = ClassifyConfig.from_dict(data)
+    cfg.validate()
+    return cfg
 
 
 def _read_info(info: dict, multi_label: bool) -> tuple[LabelledData, LabelledData | None]:
@@ -1540,7 +1549,7 @@ def load_classifier(path: str | Path | None = None, *, which: str = "best", devi
     if ck.kind != KIND:
         raise CharnnError(f"{ck.path} is a {ck.kind} checkpoint, not a classifier; pass a run made by charnn classify train")
     try:
-        encoder = ModelConfig.from_dict(ck.config["model"])
+        encoder = ck.model_config()
         meta = ck.config["classifier"]
         members = [ClassifierNet(encoder, len(meta["classes"]), meta["pooling"], meta["bidirectional"],
                                  meta["head_dropout"], meta.get("pool_layers", "top"))
@@ -1766,7 +1775,7 @@ class TextClassifier(_Params):
     def load(cls, path: str | Path, *, which: str = "best", device: str = "cpu") -> "TextClassifier":
         """A fitted classifier from a checkpoint or run directory (``which``: best or last)."""
         net, ck = load_classifier(path, which=which, device=device)
-        params = ClassifyConfig.from_dict(ck.config.get("training", {})).to_dict()
+        params = (ck.settings("training", ClassifyConfig.from_dict) if "training" in ck.config else ClassifyConfig()).to_dict()
         clf = cls(**{k: v for k, v in params.items() if k in cls._get_param_names()})
         clf.set_params(device=device)
         config = {k: v for k, v in ck.config.items() if k not in ("format", "format_version", "saved_at")}

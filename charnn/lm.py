@@ -47,13 +47,7 @@ def read_language_model(path: str | Path | None = None, *, which: str = "best") 
     ck = ckpt.load_checkpoint(path, which=which, kind="language-model")  # None: the latest language model
     if ck.kind != "language-model":
         raise CharnnError(f"{ck.path} is a {ck.kind} checkpoint, not a language model; pass a run made by charnn train")
-    try:
-        config = ModelConfig.from_dict(ck.config["model"])
-    except (KeyError, TypeError) as e:
-        raise CharnnError(f"{ck.path / ckpt.CONFIG} is damaged (model settings: {e}); use another checkpoint") from e
-    if config.vocab_size != len(ck.vocab):
-        raise CharnnError(f"{ck.path}: the vocabulary ({len(ck.vocab)}) does not match the model ({config.vocab_size}); the checkpoint is damaged")
-    return config, ck
+    return ck.model_config(), ck
 
 
 # -- the inference API: charnn.load(...) -------------------------------------------------------------

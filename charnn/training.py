@@ -237,6 +237,14 @@ def _validate(cfg: TrainConfig) -> None:
     check_settings(checks)
 
 
+def _saved_config(data: dict) -> TrainConfig:
+    """A run's training settings as its config.json holds them, checked as a new run's are."""
+    cfg = TrainConfig.from_dict(data)
+    check_types(cfg)
+    _validate(cfg)
+    return cfg
+
+
 def _refuse_architecture(given: dict, model: ModelConfig, init_from: str) -> None:
     """Fine-tuning keeps the model's architecture: options that would set another are an error, not ignored."""
     fixed = [n for n, v in given.items() if n not in FINE_TUNE_FIELDS and v != getattr(model, n)]
@@ -490,7 +498,7 @@ class Trainer(BudgetClock):
             if source.kind != "language-model":
                 raise CharnnError(f"{source.path} is a {source.kind} checkpoint; {setting('init_from')} needs a "
                                   "language model")
-            config = ModelConfig.from_dict(source.config["model"])
+            config = source.model_config()
             if fine_tuning:  # a new run may regularise the model differently, but keeps its architecture
                 _refuse_architecture(self.given, config, self.cfg.init_from)
                 config = replace(config, **{n: v for n, v in self.given.items() if n in FINE_TUNE_FIELDS})
@@ -512,7 +520,8 @@ class Trainer(BudgetClock):
                               + (f"resume it with {command} --resume {run_dir}" if command else "charnn train resumes "
                                  "only language-model runs"))
         source = ckpt.load_checkpoint(run_dir, which="last", with_train_state=True)
-        cfg = TrainConfig.from_dict(source.config["training"])
+        source.model_config()  # a damaged config or vocabulary is named before the corpus is read and compared
+        cfg = source.settings("training", _saved_config)
         if "average_last" not in source.config["training"]:
             cfg.average_last = 0.0  # a run from before weight averaging goes on as it started
         budget_before = (cfg.max_steps, cfg.max_epochs, cfg.time_budget)
@@ -533,20 +542,30 @@ class Trainer(BudgetClock):
         st, tensors = source.train_state, source.train_tensors
         ckpt.restore_optimizer(self.optimizer, st["optimizer"], {k: v.to(self.device) for k, v in tensors.items()})
         self.schedule.load(st["schedule"])
-        for name in ("step", "epoch", "batch_in_epoch", "offset", "train_chars", "train_seconds", "best_val",
-                     "last_val", "bad_evals"):
+        for name, value in ckpt.counters(st, ("step", "epoch", "batch_in_epoch", "offset", "train_chars",
+                                               "bad_evals")).items():
+            setattr(self, name, value)
+        for name in ("train_seconds", "best_val", "last_val"):
+            if not (is_number(st[name]) or st[name] is None and name != "train_seconds"):
+                raise ValueError(f"{name} is {st[name]!r}, not a number")
             setattr(self, name, st[name])
+        if self.offset >= self.cfg.seq_len or self.batch_in_epoch >= max(self.steps_per_epoch, 1):
+            raise ValueError(f"the data position (offset {self.offset}, batch {self.batch_in_epoch}) lies outside "
+                             f"an epoch of {self.steps_per_epoch} batches of {self.cfg.seq_len} characters")
         self.decay_decided = st.get("weight_decay_decided", True)  # the optimizer state holds the decay itself
         self.planned_epochs = st.get("planned_epochs")
         self.elapsed_before = st["elapsed"]
         own_rng = f"rng.torch.{self.rank}"
         torch.set_rng_state(tensors[own_rng] if own_rng in tensors else tensors["rng.torch.0"])
         self.offset_rng.set_state(tensors["rng.offsets"])
+        for i, p in enumerate(self.average.params if st.get("averaged_steps", 0) else []):
+            tensors.shaped(f"average.{i}", p.shape)
         self.average.load(st.get("averaged_steps", 0), tensors)
         if "rng.cuda" in tensors and self.device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         rows = slice(self.rank * self.batcher.rows_per_rank, (self.rank + 1) * self.batcher.rows_per_rank)
-        hidden = [tensors[k][:, rows].to(self.device) for k in ("hidden.h", "hidden.c") if k in tensors]
+        shape = (self.model_config.layers, self.batcher.n_streams, self.model_config.hidden)
+        hidden = [tensors.shaped(k, shape)[:, rows].to(self.device) for k in ("hidden.h", "hidden.c") if k in tensors]
         self.hidden = None if not hidden else tuple(hidden) if len(hidden) == 2 else hidden[0]
         if self.dist.is_main:
             ckpt.truncate_metrics(self.run_dir, self.step)

@@ -923,3 +923,106 @@ def test_resume_from_a_damaged_training_state_is_a_clear_error(tiny_run, clf_run
         args = ("train", "--resume", copy) if kind == "train" else ("classify", "train", "--resume", copy)
         assert_clear_error(run_cli(*args, "-q", "--max-steps", 100),
                            f"{copy / 'last' / 'train_state.json'} is damaged (KeyError: ")
+
+
+def _damaged_copy(run: Path, dest: Path, damage) -> Path:
+    """A copy of ``run`` with ``damage(copy)`` applied."""
+    import shutil
+
+    shutil.copytree(run, dest)
+    damage(dest)
+    return dest
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_damaged_checkpoint_files_are_one_line_errors_naming_the_file(tiny_run, small_corpus, tmp_path):
+    """A mistyped format_version or model section was a TypeError/KeyError traceback from every command (train
+    --resume and --init-from for the model section); NaN weights sampled and scored silently; a damaged vocabulary
+    did not name its file."""
+    def on_both(edit):
+        return lambda run: [edit(run / which) for which in ("best", "last")]
+
+    def nan_weights(checkpoint):
+        _edit_tensors(checkpoint / "model.safetensors", lambda t: t["embed.weight"].fill_(float("nan")))
+
+    cases = {
+        "version": (on_both(lambda c: _edit_json(c / "config.json", lambda d: d.update(format_version="1"))),
+                    "config.json is damaged (format_version '1' is not a version number)"),
+        "model": (on_both(lambda c: _edit_json(c / "config.json", lambda d: d.pop("model"))),
+                  "config.json is damaged (model settings: 'model')"),
+        "hidden": (on_both(lambda c: _edit_json(c / "config.json", lambda d: d["model"].update(hidden="wide"))),
+                   "config.json is damaged (model settings: "),
+        "vocab": (on_both(lambda c: (c / "vocab.json").write_text('{"chars": 5}')),
+                  "vocab.json is damaged ('int' object is not iterable)"),
+        "nan": (on_both(nan_weights), "model.safetensors holds weights that are not finite"),
+    }
+    for name, (damage, fragment) in cases.items():
+        run = _damaged_copy(tiny_run, tmp_path / name, damage)
+        for args in (("eval", run, small_corpus), ("sample", run, "--length", 5),
+                     ("train", "--resume", run, "-q", "--max-steps", 60),
+                     ("train", small_corpus, "--init-from", run, "-q", "--max-steps", 2, "--out", tmp_path / "ft")):
+            assert_clear_error(run_cli(*args), fragment)
+        assert not (tmp_path / "ft").exists()
+    with pytest.raises(CharnnError, match="holds weights that are not finite"):
+        charnn_load(tmp_path / "nan")
+
+
+def charnn_load(path):
+    import charnn
+
+    return charnn.load(path)
+
+
+def test_resume_from_a_damaged_training_state_names_the_damaged_file(tiny_run, clf_runs, tmp_path):
+    """Mistyped counters in train_state.json, and a missing or misshapen tensor in train_state.safetensors, were
+    tracebacks (or blamed train_state.json) when a run resumed; a damaged training section of config.json too."""
+    def in_last(filename, edit):
+        return lambda run: (_edit_json if filename.endswith(".json") else _edit_tensors)(run / "last" / filename, edit)
+
+    def misshape(prefix):
+        return lambda t: t.update({k: torch.zeros(3, 3) for k in list(t) if k.startswith(prefix)})
+
+    cases = {
+        "counter": (in_last("train_state.json", lambda d: d.update(epoch="a")),
+                    "last/train_state.json is damaged (ValueError: epoch is 'a', not a count)"),
+        "negative": (in_last("train_state.json", lambda d: d.update(step=-5)), "step is -5, not a count"),
+        "offset": (in_last("train_state.json", lambda d: d.update(offset=10**9)), "train_state.json is damaged"),
+        "rng": (in_last("train_state.safetensors", lambda t: t.pop("rng.offsets")),
+                "last/train_state.safetensors is damaged (no tensor 'rng.offsets')"),
+        "optimizer": (in_last("train_state.safetensors", misshape("optim.")),
+                      "train_state.safetensors is damaged (tensor 'optim."),
+        "hidden": (in_last("train_state.safetensors", misshape("hidden.")),
+                   "train_state.safetensors is damaged (tensor 'hidden."),
+        "average": (in_last("train_state.safetensors", misshape("average.")),
+                    "train_state.safetensors is damaged (tensor 'average."),
+        "settings": (in_last("config.json", lambda d: d["training"].update(lr="fast")),
+                     "last/config.json is damaged (training settings: lr must be a number, got 'fast')"),
+    }
+    for name, (damage, fragment) in cases.items():
+        run = _damaged_copy(tiny_run, tmp_path / name, damage)
+        if name == "average":
+            _edit_json(run / "last" / "train_state.json", lambda d: d.update(averaged_steps=2))
+            _edit_tensors(run / "last" / "train_state.safetensors",
+                          lambda t: t.update({f"average.{i}": torch.zeros(3) for i in range(20)}))
+        before = (run / "last" / "model.safetensors").read_bytes()
+        assert_clear_error(run_cli("train", "--resume", run, "-q", "--max-steps", 60), fragment)
+        assert (run / "last" / "model.safetensors").read_bytes() == before
+    single = _damaged_copy(clf_runs[0], tmp_path / "clf", in_last("config.json", lambda d: d["training"].update(lr="fast")))
+    assert_clear_error(run_cli("classify", "train", "--resume", single, "-q", "--max-steps", 100),
+                       "last/config.json is damaged (training settings: lr must be a number")
+    single = _damaged_copy(clf_runs[0], tmp_path / "clf-rng", in_last("train_state.safetensors", lambda t: t.pop("rng.torch")))
+    assert_clear_error(run_cli("classify", "train", "--resume", single, "-q", "--max-steps", 100),
+                       "last/train_state.safetensors is damaged (no tensor 'rng.torch')")
