@@ -179,6 +179,7 @@ def save_checkpoint(
         if train_state is not None:
             _write_json(tmp / TRAIN_JSON, train_state)
             save_file({k: v.detach().cpu().contiguous() for k, v in (train_tensors or {}).items()}, str(tmp / TRAIN_TENSORS))
+        _share_like_json(tmp)
         _fsync_dir_files(tmp)
         _swap_into_place(tmp, target)
     except SafetensorError as e:  # safetensors' own error for a failed write (a full disk, say)
@@ -188,6 +189,14 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _share_like_json(directory: Path) -> None:
+    """Give the safetensors files the JSON files' permissions (safetensors writes its files readable by their owner
+    only, whatever the umask, so others who may read the config could not load the weights)."""
+    mode = (directory / CONFIG).stat().st_mode & 0o777
+    for f in directory.glob("*.safetensors"):
+        f.chmod(mode)
 
 
 def _fsync_dir_files(directory: Path) -> None:

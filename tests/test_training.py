@@ -162,6 +162,9 @@ def test_checkpoint_files_and_no_pickle(tiny_run):
     config = json.loads((tiny_run / "best" / "config.json").read_text())
     assert config["format"] == "charnn-checkpoint" and config["kind"] == "language-model"
     assert not list(tiny_run.rglob("*.pt")) and not list(tiny_run.rglob("*.pkl"))
+    for name in ("best/model.safetensors", "last/model.safetensors", "last/train_state.safetensors"):
+        # readable by whoever may read the config (safetensors alone writes its files 0600, whatever the umask)
+        assert (tiny_run / name).stat().st_mode & 0o777 == (tiny_run / "best" / "config.json").stat().st_mode & 0o777
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tiny_run, tmp_path, monkeypatch):
