@@ -290,7 +290,10 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
-    """Drop records logged after ``last_step`` (they are replayed when a run resumes)."""
+    """Drop records logged after ``last_step`` (they are replayed when a run resumes), and the half-written
+    checkpoints (``.last.tmp-*``) of a process killed while saving."""
+    for unfinished in Path(run_dir).glob(".*.tmp-*"):
+        shutil.rmtree(unfinished, ignore_errors=True)
     path = Path(run_dir) / METRICS
     if not path.exists():
         return

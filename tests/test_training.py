@@ -1029,3 +1029,11 @@ def test_resume_from_a_damaged_training_state_names_the_damaged_file(tiny_run, c
     single = _damaged_copy(clf_runs[0], tmp_path / "clf-rng", in_last("train_state.safetensors", lambda t: t.pop("rng.torch")))
     assert_clear_error(run_cli("classify", "train", "--resume", single, "-q", "--max-steps", 100),
                        "last/train_state.safetensors is damaged (no tensor 'rng.torch')")
+
+
+def test_resume_removes_the_half_written_checkpoint_of_a_killed_save(tiny_run, tmp_path):
+    """A process killed while saving left its temporary .last.tmp-* folder in the run for good."""
+    run = _damaged_copy(tiny_run, tmp_path / "run", lambda r: (r / ".last.tmp-x1y2").mkdir())
+    (run / ".last.tmp-x1y2" / "model.safetensors").write_bytes(b"cut short")
+    assert run_cli("train", "--resume", run, "-q", "--max-steps", 42).exit_code == 0
+    assert sorted(p.name for p in run.iterdir()) == ["best", "last", "metrics.jsonl"]
