@@ -412,7 +412,9 @@ def restoring(source: "Checkpoint"):
     ``train_state.json`` or ``train_state.safetensors``) is a CharnnError naming the file, not a traceback."""
     try:
         yield
-    except (DamagedTensors, RuntimeError) as e:  # torch's own errors here come from the saved tensors
+    except torch.OutOfMemoryError:  # the device is full, the files may be fine
+        raise
+    except (DamagedTensors, RuntimeError) as e:  # torch's other errors here come from the saved tensors
         raise CharnnError(f"{source.path / TRAIN_TENSORS} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                           "this run cannot resume, but its best model can start a new one (--init-from)") from None
     except (KeyError, TypeError, ValueError) as e:

@@ -1037,3 +1037,14 @@ def test_resume_removes_the_half_written_checkpoint_of_a_killed_save(tiny_run, t
     (run / ".last.tmp-x1y2" / "model.safetensors").write_bytes(b"cut short")
     assert run_cli("train", "--resume", run, "-q", "--max-steps", 42).exit_code == 0
     assert sorted(p.name for p in run.iterdir()) == ["best", "last", "metrics.jsonl"]
+
+
+def test_running_out_of_memory_while_resuming_is_not_blamed_on_the_files(tiny_run):
+    """``restoring`` turns torch's errors from the saved tensors into 'damaged'; a full device is not one of them."""
+    source = ckpt.load_checkpoint(tiny_run, which="last", with_train_state=True)
+    with pytest.raises(torch.OutOfMemoryError):
+        with ckpt.restoring(source):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(CharnnError, match="train_state.safetensors is damaged"):
+        with ckpt.restoring(source):
+            raise RuntimeError("size mismatch")
