@@ -58,15 +58,37 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
 def read_text(path: Path, encoding: str = "utf-8") -> str:
     """Read one text file, refusing binary files and undecodable bytes with a clear error.
 
-    A UTF-8 byte-order mark (which some Windows editors write) is not text and is dropped, as utf-16 drops its own."""
+    A byte-order mark (which some Windows editors write) is not text and is dropped; a file read as UTF-8 that starts
+    with a UTF-16 or UTF-32 one is read in that encoding (see :func:`sniff_encoding`)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CharnnError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
-    if b"\x00" in data[:BINARY_SNIFF_BYTES] and not encoding.lower().replace("-", "").startswith("utf16"):
-        raise CharnnError(f"{path} looks like a binary file (it contains NUL bytes); pass text files only")
+    encoding = sniff_encoding(data, encoding)
+    check_not_binary(path, data, encoding)
     text = decode_text(data, encoding, str(path))
-    return text[1:] if text.startswith("\ufeff") and codecs.lookup(encoding).name == "utf-8" else text
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32's little-endian mark starts with UTF-16's: it comes first
+
+
+def sniff_encoding(head: bytes, encoding: str) -> str:
+    """``encoding``, or UTF-16/32 where a file to read as UTF-8 starts with their byte-order mark (Windows tools such as
+    PowerShell write UTF-16 so): those bytes are never valid UTF-8."""
+    try:
+        if codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig"):
+            return encoding
+    except LookupError:
+        return encoding  # decoding names the unknown encoding
+    return next((name for bom, name in BOMS if head.startswith(bom)), encoding)
+
+
+def check_not_binary(path: Path, head: bytes, encoding: str) -> None:
+    """Refuse a file whose first bytes hold a NUL (a binary file), unless ``encoding`` is UTF-16/32 (whose text has them)."""
+    if b"\x00" in head[:BINARY_SNIFF_BYTES] and not encoding.lower().replace("-", "").replace("_", "").startswith(("utf16", "utf32")):
+        raise CharnnError(f"{path} looks like a binary file (it contains NUL bytes); pass text files only")
 
 
 def decode_text(data: bytes, encoding: str, source: str, fix: str = "") -> str:

@@ -31,7 +31,7 @@ from .vocab import MAX_CODEPOINT, Vocabulary, codepoints
 
 CHUNK_BYTES = 16 * 1024 * 1024
 STREAM_THRESHOLD_BYTES = 64 * 1024 * 1024  # larger corpora are streamed to a token file
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: UTF-16/32 byte-order marks honoured and dropped
 UTF8_NAMES = {"utf-8", "utf8", "u8"}
 
 Chunk = tuple[str, "bytes | str"]  # ("ascii", bytes) or ("text", str)
@@ -47,12 +47,20 @@ def _is_utf8(encoding: str) -> bool:
     return encoding.lower().replace("_", "-") in UTF8_NAMES
 
 
-def _check_not_binary(path: Path, head: bytes, encoding: str) -> None:
-    if b"\x00" in head[:8192] and not encoding.lower().replace("-", "").startswith("utf16"):
-        raise CharnnError(f"{path} looks like a binary file (it contains NUL bytes); pass text files only")
+def _file_encoding(path: Path, encoding: str) -> str:
+    """The encoding ``path`` is read in, as ``data.read_text`` picks it; an unreadable file is a CharnnError."""
+    from .data import sniff_encoding  # noqa: PLC0415 (data imports this module)
+
+    try:
+        with open(path, "rb") as f:
+            return sniff_encoding(f.read(4), encoding)
+    except OSError as e:
+        raise CharnnError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
 
 
 def _utf8_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
+    from .data import check_not_binary  # noqa: PLC0415
+
     carry, offset = b"", 0
     with open(path, "rb") as f:
         while True:
@@ -61,7 +69,7 @@ def _utf8_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
             if not data:
                 return
             if offset == 0:
-                _check_not_binary(path, data, "utf-8")
+                check_not_binary(path, data, "utf-8")
                 if data.startswith(codecs.BOM_UTF8):  # a byte-order mark is not text (as in data.read_text)
                     data, offset = data[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
             cut = len(data)
@@ -86,23 +94,25 @@ def _utf8_chunks(path: Path, chunk_bytes: int) -> Iterator[Chunk]:
 
 
 def _decoded_chunks(path: Path, encoding: str, chunk_bytes: int) -> Iterator[Chunk]:
-    from .data import unknown_encoding  # noqa: PLC0415 (data imports this module)
+    from .data import check_not_binary, unknown_encoding  # noqa: PLC0415 (data imports this module)
 
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError as e:
         raise unknown_encoding(encoding) from e
-    offset = 0
+    offset, first = 0, True
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk_bytes)
             if offset == 0:
-                _check_not_binary(path, block, encoding)
+                check_not_binary(path, block, encoding)
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
                 raise CharnnError(f"{path} is not valid {encoding} (byte {offset + e.start}: {e.reason}); "
                                   f"pass its encoding with {setting('encoding')}") from e
+            if first and text:  # a byte-order mark is not text (as in data.read_text)
+                text, first = text.removeprefix("\ufeff"), False
             if text:
                 yield "text", text
             offset += len(block)
@@ -114,8 +124,9 @@ def iter_chunks(files: Sequence[Path], encoding: str = "utf-8", chunk_bytes: int
     """The corpus text in chunks, files joined with a newline where one is missing (as ``read_corpus_text``)."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     for i, path in enumerate(files):
-        last = ""
-        source = _utf8_chunks(path, chunk_bytes) if _is_utf8(encoding) else _decoded_chunks(path, encoding, chunk_bytes)
+        last, file_encoding = "", _file_encoding(path, encoding)
+        source = (_utf8_chunks(path, chunk_bytes) if _is_utf8(file_encoding)
+                  else _decoded_chunks(path, file_encoding, chunk_bytes))
         for kind, piece in source:
             if len(piece):
                 last = chr(piece[-1]) if kind == "ascii" else piece[-1]

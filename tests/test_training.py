@@ -238,6 +238,21 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.mark.parametrize("encoding, given", [("utf-16", "utf-8"), ("utf-16-be", "utf-8"), ("utf-32", "utf-8"),
+                                             ("utf-16-le", "utf-16-le"), ("utf-8-sig", "utf-8-sig")])
+def test_byte_order_marks_are_read_not_learned(tmp_path, monkeypatch, encoding, given):
+    """A UTF-16 file (as PowerShell writes) read with the default utf-8 was refused as 'binary'; with an explicit
+    utf-16-le its byte-order mark became a character of the vocabulary."""
+    text = "héllo wörld\n" * 300
+    bom = {"utf-16-be": "\ufeff", "utf-16-le": "\ufeff"}.get(encoding, "")
+    path = tmp_path / "windows.txt"
+    path.write_bytes((bom + text).encode(encoding))
+    monkeypatch.setenv("CHARNN_CACHE", str(tmp_path / "cache"))
+    for threshold in (10**9, 0):  # in memory, streamed
+        corpus = load_corpus([path], encoding=given, stream_threshold=threshold, progress=False)
+        assert corpus.vocab.decode(np.concatenate([corpus.train, corpus.val])) == text
+
+
 def assert_clear_error(result, fragment):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
