@@ -59,15 +59,22 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     """Read one text file, refusing binary files and undecodable bytes with a clear error.
 
     A byte-order mark (which some Windows editors write) is not text and is dropped; a file read as UTF-8 that starts
-    with a UTF-16 or UTF-32 one is read in that encoding (see :func:`sniff_encoding`)."""
+    with a UTF-16 or UTF-32 one is read in that encoding (see :func:`sniff_encoding`). Windows (CRLF) and old Mac (CR)
+    line endings read as newlines, as Python's text files read them."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CharnnError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from e
     encoding = sniff_encoding(data, encoding)
     check_not_binary(path, data, encoding)
-    text = decode_text(data, encoding, str(path))
+    text = unix_newlines(decode_text(data, encoding, str(path)))
     return text[1:] if text.startswith("\ufeff") else text
+
+
+def unix_newlines(text):
+    """``text`` (a str or bytes) with CRLF and lone CR line endings turned into LF."""
+    cr, lf = ("\r", "\n") if isinstance(text, str) else (b"\r", b"\n")
+    return text.replace(cr + lf, lf).replace(cr, lf) if cr in text else text
 
 
 BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),

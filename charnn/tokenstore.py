@@ -31,7 +31,7 @@ from .vocab import MAX_CODEPOINT, Vocabulary, codepoints
 
 CHUNK_BYTES = 16 * 1024 * 1024
 STREAM_THRESHOLD_BYTES = 64 * 1024 * 1024  # larger corpora are streamed to a token file
-FORMAT_VERSION = 2  # 2: UTF-16/32 byte-order marks honoured and dropped
+FORMAT_VERSION = 3  # 2: UTF-16/32 byte-order marks honoured and dropped; 3: CRLF and CR read as LF
 UTF8_NAMES = {"utf-8", "utf8", "u8"}
 
 Chunk = tuple[str, "bytes | str"]  # ("ascii", bytes) or ("text", str)
@@ -120,6 +120,19 @@ def _decoded_chunks(path: Path, encoding: str, chunk_bytes: int) -> Iterator[Chu
                 return
 
 
+def _unix_newlines(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """The chunks with CRLF and lone CR line endings turned into LF (as ``data.read_text``); a CR that ends one chunk
+    and an LF that starts the next are one line ending."""
+    from .data import unix_newlines  # noqa: PLC0415
+
+    after_cr = False
+    for kind, piece in chunks:
+        if after_cr and piece[:1] in ("\n", b"\n"):
+            piece = piece[1:]
+        after_cr = piece[-1:] in ("\r", b"\r")
+        yield kind, unix_newlines(piece)
+
+
 def iter_chunks(files: Sequence[Path], encoding: str = "utf-8", chunk_bytes: int | None = None) -> Iterator[Chunk]:
     """The corpus text in chunks, files joined with a newline where one is missing (as ``read_corpus_text``)."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES
@@ -127,7 +140,7 @@ def iter_chunks(files: Sequence[Path], encoding: str = "utf-8", chunk_bytes: int
         last, file_encoding = "", _file_encoding(path, encoding)
         source = (_utf8_chunks(path, chunk_bytes) if _is_utf8(file_encoding)
                   else _decoded_chunks(path, file_encoding, chunk_bytes))
-        for kind, piece in source:
+        for kind, piece in _unix_newlines(source):
             if len(piece):
                 last = chr(piece[-1]) if kind == "ascii" else piece[-1]
                 yield kind, piece

@@ -253,6 +253,26 @@ def test_byte_order_marks_are_read_not_learned(tmp_path, monkeypatch, encoding, 
         assert corpus.vocab.decode(np.concatenate([corpus.train, corpus.val])) == text
 
 
+def test_windows_and_old_mac_line_endings_read_as_newlines(tmp_path, monkeypatch):
+    """CRLF files left '\\r' in the vocabulary: the model spent capacity predicting it after every line, sampled
+    CRLF, and scored LF text (or LF-trained models CRLF text) with an unknown character per line."""
+    from charnn import tokenstore
+
+    lines = ["première ligne", "second line", "", "third"] * 40
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    (folder / "b.txt").write_bytes("\r".join(lines).encode() + b"\r")
+    expected = ("\n".join(lines) + "\n") * 2
+    for chunk in (7, 8, 1 << 20):  # CR and LF in different chunks
+        monkeypatch.setattr(tokenstore, "CHUNK_BYTES", chunk)
+        monkeypatch.setenv("CHARNN_CACHE", str(tmp_path / f"cache{chunk}"))
+        for threshold in (10**9, 0):  # in memory, streamed
+            corpus = load_corpus([folder], stream_threshold=threshold, progress=False)
+            assert corpus.vocab.decode(np.concatenate([corpus.train, corpus.val])) == expected
+            assert "\r" not in corpus.vocab
+
+
 def assert_clear_error(result, fragment):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
