@@ -156,7 +156,7 @@ def _table_rows(path: Path, text: str, fmt: str) -> _Rows:
 
 def _jsonl_rows(path: Path, text: str) -> _Rows:
     rows, columns = [], {}
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON strings may hold U+2028 and \x85
         if not line.strip():
             continue
         try:

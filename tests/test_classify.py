@@ -1096,6 +1096,27 @@ def test_predict_reads_stdin_in_its_encoding(cli_run):
         assert good.exit_code == 0 and json.loads(good.output)["predictions"][0]["text"] == "xab\u00e9y", good.output
 
 
+def test_predict_lines_end_at_newlines_only(cli_run, tmp_path):
+    """str.splitlines cut a line holding a form feed, \\x85 or U+2028 into several texts, so the predictions no
+    longer matched the file's lines."""
+    run, _, _ = cli_run
+    lines = ["xa\x0cby", "xab\u2028y", "yb\x85ax", "xaby"]
+    (tmp_path / "in.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    for args, stdin in ((["--file", str(tmp_path / "in.txt")], None), ([], "\r\n".join(lines).encode())):
+        out = CliRunner().invoke(main, ["classify", "predict", str(run), "--json", *args], input=stdin)
+        assert out.exit_code == 0, out.output
+        assert [p["text"] for p in json.loads(out.output)["predictions"]] == lines
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """JSON lets U+2028 and \\x85 stand unescaped in a string (json.dumps(..., ensure_ascii=False) writes them so);
+    the reader cut the line there and called it invalid JSON."""
+    records = [{"text": "one\u2028two", "label": "a"}, {"text": "caf\x85e\u2029", "label": "b"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert read_labelled(path).texts == [r["text"] for r in records]
+
+
 def test_train_json_implies_quiet(order_data, tmp_path):
     """As charnn train --json: the JSON object alone, no description or progress bar on the terminal."""
     (texts, labels), _ = order_data

@@ -166,17 +166,19 @@ def train_cmd(data, text_col, label_col, label_sep, encoding, val_data, time_tex
 
 
 def _read_inputs(texts: tuple[str, ...], file: str | None, encoding: str) -> list[str]:
-    """Texts from the arguments, then the lines of --file; stdin lines when neither is given."""
-    from ..data import read_stdin, read_text
+    """Texts from the arguments, then the lines of --file; stdin lines when neither is given.
+
+    Lines end at newlines only: str.splitlines would also cut a text at a form feed, \\x1c-\\x1e, \\x85 or U+2028."""
+    from ..data import read_stdin, read_text, unix_newlines
 
     items = list(texts)
     if file:
-        lines = read_text(Path(file), encoding).splitlines() if file != "-" else read_stdin(encoding).splitlines()
+        lines = (read_text(Path(file), encoding) if file != "-" else unix_newlines(read_stdin(encoding))).split("\n")
         items += [line for line in lines if line.strip()]
     elif not items:
         if sys.stdin.isatty():
             _echo("reading texts from standard input, one per line (Ctrl-D to end)")
-        items = [line for line in read_stdin(encoding).splitlines() if line.strip()]
+        items = [line for line in unix_newlines(read_stdin(encoding)).split("\n") if line.strip()]
     if not items:
         raise CharnnError("no texts to classify; pass them as arguments, with --file, or one per line on standard input")
     return items
