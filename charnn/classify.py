@@ -205,7 +205,8 @@ def _read_folders(root: Path, encoding: str) -> _Raw:
         raise CharnnError(f"{root} has no subfolders; put each label's text files in a subfolder named after the label")
     texts, labels = [], []
     for folder in folders:
-        files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith("."))
+        files = sorted(f for f in folder.rglob("*")  # hidden files and all under hidden folders (.git...) are skipped
+                       if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
         for f in files:
             text = read_text(f, encoding)
             if not text.strip():

@@ -762,6 +762,21 @@ def test_reads_csv_tsv_jsonl_and_folders(tmp_path):
     assert read_labelled(tmp_path / "bom.jsonl").labels == ["x", "y"]
 
 
+def test_folder_datasets_skip_hidden_folders(tmp_path):
+    """Only hidden files were skipped: a label folder that is a git checkout added every file under its .git as a
+    text of that label."""
+    for label in ("cats", "dogs"):
+        (tmp_path / label / "sub").mkdir(parents=True)
+        (tmp_path / label / "sub" / "a.txt").write_text(f"{label} in a subfolder", encoding="utf-8")
+        (tmp_path / label / ".hidden.txt").write_text("hidden", encoding="utf-8")
+    (tmp_path / "cats" / ".git").mkdir()
+    (tmp_path / "cats" / ".git" / "HEAD").write_text("ref: refs/heads/main", encoding="utf-8")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x.txt").write_text("cached", encoding="utf-8")
+    data = read_labelled(tmp_path)
+    assert data.texts == ["cats in a subfolder", "dogs in a subfolder"] and data.labels == ["cats", "dogs"]
+
+
 def test_reads_the_shared_datasets():
     from conftest import shared_file
 
