@@ -208,7 +208,8 @@ def _read_folders(root: Path, encoding: str) -> _Raw:
         files = sorted(f for f in folder.rglob("*")  # hidden files and all under hidden folders (.git...) are skipped
                        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
         for f in files:
-            text = read_text(f, encoding)
+            # the newline that ends a file's last line is no more part of the text than of a line given to predict
+            text = read_text(f, encoding).rstrip("\n")
             if not text.strip():
                 raise CharnnError(f"{f} is empty; remove it or give it a text")
             texts.append(text)

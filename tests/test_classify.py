@@ -777,6 +777,15 @@ def test_folder_datasets_skip_hidden_folders(tmp_path):
     assert data.texts == ["cats in a subfolder", "dogs in a subfolder"] and data.labels == ["cats", "dogs"]
 
 
+def test_folder_texts_lose_the_final_newline_of_their_file(tmp_path):
+    """Every text read from a file that ends its last line (as editors and echo write it) ended with a newline that
+    the lines given to predict never have, so the classifier learned from a final character it then never saw."""
+    for label, text in (("cats", "two\nlines\n"), ("dogs", "one line\n\n")):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "a.txt").write_text(text, encoding="utf-8")
+    assert read_labelled(tmp_path).texts == ["two\nlines", "one line"]
+
+
 def test_reads_the_shared_datasets():
     from conftest import shared_file
 
