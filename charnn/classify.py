@@ -132,9 +132,21 @@ class _Raw:
     labels: list[tuple[str, object]]  # (where, raw label)
 
 
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
+def _csv_delimiter(text: str) -> str:
+    """A .csv file's delimiter: a comma, or a semicolon or tab where the header line has those and no comma
+    (spreadsheets in locales with a decimal comma save CSV with semicolons)."""
+    header = text.split("\n", 1)[0]
+    return next((d for d in DELIMITERS if d in header), ",")
+
+
 def _table_rows(path: Path, text: str, fmt: str) -> _Rows:
     lines = io.StringIO(text, newline="")
-    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(lines)
+    delimiter = "\t" if fmt == "tsv" else _csv_delimiter(text)
+    reader = (csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE) if fmt == "tsv"
+              else csv.reader(lines, delimiter=delimiter))
     try:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
@@ -147,7 +159,7 @@ def _table_rows(path: Path, text: str, fmt: str) -> _Rows:
             where = f"{path} line {reader.line_num}"
             if len(record) > len(header):
                 raise CharnnError(f"{where} has {len(record)} fields but the header names {len(header)}; "
-                                  f"check the delimiter ({'tab' if fmt == 'tsv' else 'comma'}) and quoting")
+                                  f"check the delimiter ({DELIMITERS[delimiter]}) and quoting")
             rows.append((where, dict(zip(header, record))))
     except csv.Error as e:
         raise CharnnError(f"{path} line {reader.line_num} is not valid {fmt.upper()} ({e}); fix the quoting") from e

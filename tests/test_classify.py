@@ -786,6 +786,17 @@ def test_folder_texts_lose_the_final_newline_of_their_file(tmp_path):
     assert read_labelled(tmp_path).texts == ["two\nlines", "one line"]
 
 
+def test_csv_files_separated_by_semicolons_or_tabs(tmp_path):
+    """A .csv saved with semicolons (spreadsheets in locales with a decimal comma) or tabs had one column named
+    'text;label' and was refused, or cut at the commas inside its texts."""
+    for name, content in (("semi.csv", 'text;label\n"pain, beurre; lait";a\nsalut, toi;b\n'),
+                          ("tabs.csv", 'text\tlabel\n"pain, beurre\tlait"\ta\nsalut, toi\tb\n')):
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        data = read_labelled(tmp_path / name)
+        assert data.texts == [f"pain, beurre{'; ' if name == 'semi.csv' else chr(9)}lait", "salut, toi"]
+        assert data.labels == ["a", "b"]
+
+
 def test_reads_the_shared_datasets():
     from conftest import shared_file
 
