@@ -30,7 +30,8 @@ BINARY_SNIFF_BYTES = 8192
 
 # -- reading files --------------------------------------------------------------
 def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]:
-    """Expand files and directories (searched with ``glob``) into a sorted file list."""
+    """Expand files and directories (searched with ``glob``) into a sorted file list, each file once (a file named
+    twice, or also found in a folder given, would put its own copy into validation)."""
     if not paths:
         raise CharnnError("no corpus given; pass one or more text files or directories")
     files: list[Path] = []
@@ -52,7 +53,10 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
             raise CharnnError(f"{p} is neither a file nor a directory; pass text files or directories")
         else:
             raise CharnnError(f"{p}: no such file or directory; check the path")
-    return files
+    first: dict[Path, Path] = {}
+    for f in files:
+        first.setdefault(f.resolve(), f)
+    return list(first.values())
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:

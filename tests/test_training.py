@@ -273,6 +273,18 @@ def test_windows_and_old_mac_line_endings_read_as_newlines(tmp_path, monkeypatch
             assert "\r" not in corpus.vocab
 
 
+def test_a_file_given_twice_is_read_once(tmp_path):
+    """A file named twice, or also inside a folder given (or linked there), was read twice: the copy landed in the
+    validation text, which then scored the training text itself."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    text = "some notes to learn from\n" * 50
+    (folder / "a.txt").write_text(text, encoding="utf-8")
+    (folder / "link.txt").symlink_to(folder / "a.txt")
+    for paths in ([folder / "a.txt", folder / "a.txt"], [folder, folder / "a.txt"], [folder, str(folder) + "/"]):
+        assert load_corpus(paths).n_chars == len(text)
+
+
 def assert_clear_error(result, fragment):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
