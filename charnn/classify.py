@@ -48,7 +48,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import checkpoint as ckpt
 from .budget import BudgetBar, BudgetClock
-from .data import read_text
+from .data import check_listable, read_text
 from .devices import autocast, pick_device, pick_precision
 from .errors import SEED_LIMIT, CharnnError, check_settings, make_dirs, off_value, setting
 from .model import (CELLS, CharRNN, Dropout, ModelConfig, fits_in_memory, init_recurrent, run_layers,
@@ -212,6 +212,7 @@ def _pick_columns(path: Path, table: _Rows, text_col: str, label_col: str) -> _R
 
 
 def _read_folders(root: Path, encoding: str) -> _Raw:
+    check_listable(root, recursive=True)
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise CharnnError(f"{root} has no subfolders; put each label's text files in a subfolder named after the label")

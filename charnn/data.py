@@ -13,7 +13,9 @@ one batch to the next. Each epoch starts at a random offset below ``seq_len``.
 from __future__ import annotations
 
 import codecs
+import itertools
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
             except (ValueError, NotImplementedError) as e:  # '', '/abs/*.txt', '***'
                 raise CharnnError(f"{setting('glob')} {glob!r} is not a usable pattern ({e}); give one relative to "
                                   "the folder, such as '**/*.txt'") from None
+            check_listable(p, recursive="**" in glob)
             if not found:
                 raise CharnnError(f"directory {p} has no files matching {setting('glob')} {glob!r}; change {setting('glob')} or the path")
             files.extend(found)
@@ -57,6 +60,18 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
     for f in files:
         first.setdefault(f.resolve(), f)
     return list(first.values())
+
+
+def check_listable(folder: Path, recursive: bool) -> None:
+    """Refuse a ``folder`` that cannot be listed, or (``recursive``) a non-hidden folder under it: a glob skips those
+    silently, leaving their files out."""
+    def refuse(e: OSError):
+        raise CharnnError(f"cannot list folder {e.filename} ({e.strerror}), so its files would be left out; make it "
+                          "readable, or pass the files or folders you mean")
+
+    walk = os.walk(folder, onerror=refuse)
+    for _, dirs, _ in walk if recursive else itertools.islice(walk, 1):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:

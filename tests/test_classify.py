@@ -797,6 +797,23 @@ def test_csv_files_separated_by_semicolons_or_tabs(tmp_path):
         assert data.labels == ["a", "b"]
 
 
+def test_folder_datasets_refuse_an_unreadable_folder(tmp_path, monkeypatch):
+    """A label folder (or a folder in one) that could not be listed silently gave no examples."""
+    for folder in ("cats", "dogs", "dogs/locked"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text(folder, encoding="utf-8")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name == "locked":  # as chmod 000 does (for all but root)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CharnnError, match=r"^cannot list folder .*locked \(Permission denied\)"):
+        read_labelled(tmp_path)
+
+
 def test_reads_the_shared_datasets():
     from conftest import shared_file
 

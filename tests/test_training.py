@@ -285,6 +285,27 @@ def test_a_file_given_twice_is_read_once(tmp_path):
         assert load_corpus(paths).n_chars == len(text)
 
 
+def test_an_unreadable_folder_in_a_corpus_is_an_error(tmp_path, monkeypatch):
+    """The glob skipped a subfolder it could not list (no read permission), so its files were silently left out; an
+    unreadable folder given itself had 'no files matching'."""
+    for folder in ("corpus", "corpus/locked", "corpus/.hidden"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text("text\n", encoding="utf-8")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name in ("locked", ".hidden"):  # as chmod 000 does (for all but root)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for paths, glob in (([tmp_path / "corpus"], "**/*"), ([tmp_path / "corpus"], "**/*.txt"),
+                        ([tmp_path / "corpus/locked"], "*.txt")):
+        with pytest.raises(CharnnError, match=r"^cannot list folder .*locked \(Permission denied\), so its files would"):
+            load_corpus(paths, glob=glob)
+    assert load_corpus([tmp_path / "corpus"], glob="*.txt").n_chars == 5  # the glob never enters locked/
+
+
 def assert_clear_error(result, fragment):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
