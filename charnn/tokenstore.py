@@ -207,7 +207,7 @@ def cache_key(files: Sequence[Path], encoding: str, val_fraction: float, min_cha
               vocab: Vocabulary | None) -> str:
     parts = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     blob = json.dumps([FORMAT_VERSION, parts, encoding, val_fraction, min_char_count,
-                       vocab.to_dict() if vocab else None], ensure_ascii=False)
+                       vocab.to_dict() if vocab else None])  # ASCII: file names that are not UTF-8 escape too
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -236,7 +236,7 @@ def load_token_file(files: Sequence[Path], *, encoding: str, val_fraction: float
         meta = {"format_version": FORMAT_VERSION, "vocab": vocab.to_dict(), "n_chars": n_chars, "n_train": n_train,
                 "dtype": vocab.dtype.name, "files": [str(f) for f in files]}
         meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
-        meta_tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        meta_tmp.write_text(json.dumps(meta), encoding="utf-8")  # ASCII, as the key
         os.replace(meta_tmp, meta_path)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     vocab = Vocabulary.from_dict(meta["vocab"])

@@ -134,6 +134,18 @@ def test_streamed_token_file_equals_in_memory_encoding(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache0" / "tokens").glob("*.bin"))) == 1
 
 
+def test_streamed_corpus_with_a_file_name_that_is_not_utf8(tmp_path, monkeypatch):
+    """A file named in Latin-1 bytes (Python's surrogate escapes) crashed the token cache with a UnicodeEncodeError."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with open(os.fsencode(folder) + b"/caf\xe9.txt", "w", encoding="utf-8") as f:
+        f.write("plain text\n" * 100)
+    monkeypatch.setenv("CHARNN_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):  # encoded, then reused
+        corpus = load_corpus([folder], stream_threshold=0, progress=False)
+        assert corpus.vocab.decode(np.concatenate([corpus.train, corpus.val])) == "plain text\n" * 100
+
+
 def test_large_vocabulary_uses_uint16(tmp_path, monkeypatch):
     text = "".join(chr(0x4E00 + i) for i in range(400)) * 30
     (tmp_path / "cjk.txt").write_text(text, encoding="utf-8")
