@@ -145,24 +145,27 @@ def _csv_delimiter(text: str) -> str:
 def _table_rows(path: Path, text: str, fmt: str) -> _Rows:
     lines = io.StringIO(text, newline="")
     delimiter = "\t" if fmt == "tsv" else _csv_delimiter(text)
+    # strict: a quote left open (or closed mid-field) is an error, not the rows after it swallowed into one text
     reader = (csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE) if fmt == "tsv"
-              else csv.reader(lines, delimiter=delimiter))
+              else csv.reader(lines, delimiter=delimiter, strict=True))
+    start = 1  # the line where the record being read starts (a quoted field may span lines)
     try:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
             raise CharnnError(f"{path} is empty or has no header row; its first line must name the columns")
         header = [h.strip() for h in header]  # (read_text has dropped a byte-order mark)
-        rows = []
+        rows, start = [], reader.line_num + 1
         for record in reader:
+            where, start = f"{path} line {start}", reader.line_num + 1
             if not any(field.strip() for field in record):
                 continue  # blank line
-            where = f"{path} line {reader.line_num}"
             if len(record) > len(header):
                 raise CharnnError(f"{where} has {len(record)} fields but the header names {len(header)}; "
                                   f"check the delimiter ({DELIMITERS[delimiter]}) and quoting")
             rows.append((where, dict(zip(header, record))))
     except csv.Error as e:
-        raise CharnnError(f"{path} line {reader.line_num} is not valid {fmt.upper()} ({e}); fix the quoting") from e
+        raise CharnnError(f"{path} line {start} is not valid {fmt.upper()} ({e} at line {reader.line_num}); fix the "
+                          'quoting: a field that starts with " ends with " (write a quote inside it as "")') from e
     return _Rows(header, rows)
 
 

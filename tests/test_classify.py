@@ -833,6 +833,10 @@ def test_reads_the_shared_datasets():
     ('{"text": "a", "label": "x"}\nnot json\n', ".jsonl", r"line 2 is not valid JSON"),
     ("text,label\na,b\n", ".xlsx", r"cannot tell the format"),
     ("text,label,text\na,b,c\n", ".csv", r"names column 'text' 2 times; rename the copies"),
+    # a quote left open swallowed the rows after it into one text (silently, where a later quote closed it)
+    ('text,label\n"open,x\nnext,y\nlast,x\n', ".csv", r"line 2 is not valid CSV \(unexpected end of data at line 4\)"),
+    ('text,label\n"open,x\nnext,y\nsaid "hi",x\nlast,y\n', ".csv", r"line 2 is not valid CSV \(',' expected"),
+    ('text,label\n"two\nlines",\n', ".csv", r"line 2: the label is empty"),  # where the record starts
 ])
 def test_malformed_files_give_clear_errors(tmp_path, content, suffix, message):
     path = tmp_path / f"data{suffix}"
