@@ -239,15 +239,24 @@ def _parse_label(where: str, value, multi_label: bool, sep: str):
     if multi_label:
         if value is None:
             return ()
-        items = value if isinstance(value, list) else str(value).split(sep) if sep else [str(value)]
-        return tuple(sorted({str(v).strip() for v in items if str(v).strip()}))
+        items = value if isinstance(value, list) else _label_text(where, value).split(sep) if sep else [value]
+        labels = (_label_text(where, v).strip() for v in items if v is not None)  # a null in a list is no label
+        return tuple(sorted({label for label in labels if label}))
     if isinstance(value, (list, dict)):
         raise CharnnError(f"{where}: the label is a {type(value).__name__}; for several labels per text pass "
                           f"{setting('multi_label', True)}")
-    label = "" if value is None else str(value).strip()
+    label = "" if value is None else _label_text(where, value).strip()
     if not label:
         raise CharnnError(f"{where}: the label is empty; every example needs a label")
     return label
+
+
+def _label_text(where: str, value) -> str:
+    """One label read from a file, as text: a JSON number or boolean as JSON writes it (``true``, not ``True``)."""
+    if isinstance(value, (list, dict)):
+        raise CharnnError(f"{where}: a label is a {type(value).__name__}; give labels as strings (several: a list "
+                          "of strings)")
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 # -- labels and splits ------------------------------------------------------------------------------

@@ -814,6 +814,19 @@ def test_folder_datasets_refuse_an_unreadable_folder(tmp_path, monkeypatch):
         read_labelled(tmp_path)
 
 
+def test_jsonl_labels_that_are_not_strings(tmp_path):
+    """Labels were str() of the JSON value: true read as 'True', and in a multi-label list a null became the label
+    'None' and an object the label "{'x': 1}"."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": true}\n{"text": "b", "label": 2}\n', encoding="utf-8")
+    assert read_labelled(path).labels == ["true", "2"]
+    path.write_text('{"text": "a", "label": ["x", null, false]}\n', encoding="utf-8")
+    assert read_labelled(path, multi_label=True).labels == [("false", "x")]
+    path.write_text('{"text": "a", "label": ["x", {"x": 1}]}\n', encoding="utf-8")
+    with pytest.raises(CharnnError, match=r"line 1: a label is a dict; give labels as strings"):
+        read_labelled(path, multi_label=True)
+
+
 def test_reads_the_shared_datasets():
     from conftest import shared_file
 
