@@ -54,6 +54,9 @@ def resolve_files(paths: Sequence[str | Path], glob: str = "**/*") -> list[Path]
             files.append(p)
         elif p.exists():
             raise CharnnError(f"{p} is neither a file nor a directory; pass text files or directories")
+        elif p.is_symlink():
+            raise CharnnError(f"{p} is a symbolic link to {os.readlink(p)}, which is missing or loops back; fix the link "
+                              "or pass its target")
         else:
             raise CharnnError(f"{p}: no such file or directory; check the path")
     first: dict[Path, Path] = {}

@@ -306,6 +306,15 @@ def test_an_unreadable_folder_in_a_corpus_is_an_error(tmp_path, monkeypatch):
     assert load_corpus([tmp_path / "corpus"], glob="*.txt").n_chars == 5  # the glob never enters locked/
 
 
+def test_a_broken_symbolic_link_is_named_as_one(tmp_path):
+    """A link to a missing file, or to itself, was reported as 'no such file or directory' though it is there."""
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    (tmp_path / "dangling.txt").symlink_to(tmp_path / "moved.txt")
+    for name, target in (("loop.txt", "loop.txt"), ("dangling.txt", "moved.txt")):
+        with pytest.raises(CharnnError, match=rf"{name} is a symbolic link to .*{target}, which is missing or loops"):
+            load_corpus([tmp_path / name])
+
+
 def assert_clear_error(result, fragment):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
